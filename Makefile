@@ -1,0 +1,35 @@
+# Everything a newcomer needs: `make demo`, `make test`. Each target sets up .venv first.
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+RECIPE ?= pets37
+# Extra `--set key=value` overrides for `make finetune`, e.g. SET="epochs=3 batch_size=8".
+SET ?=
+OUT ?=
+PYTEST_ARGS ?=
+
+.PHONY: install test test-all demo finetune bench clean
+
+install: $(VENV)/.installed
+
+$(VENV)/.installed: setup.cfg pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade "pip>=23.2"
+	$(PY) -m pip install --quiet -e '.[dev]'
+	touch $@
+
+# The default suite (CI): everything but the benchmarks; real-data tests skip when ../shared is absent.
+test: install
+	$(PY) -m pytest -q $(PYTEST_ARGS) tests
+
+demo: install
+	$(VENV)/bin/finetune demo
+
+finetune: install
+	$(VENV)/bin/finetune train $(RECIPE) $(foreach s,$(SET),--set $(s)) $(if $(OUT),--out $(OUT))
+
+bench: install
+	$(PY) -m benchmarks.run
+
+clean:
+	rm -rf $(VENV) build *.egg-info
