@@ -76,6 +76,78 @@ def export_cmd(checkpoint: str, out: str, layout: str) -> None:
                f"image_size={info['img_size']}) and .load_state_dict(torch.load({out!r}))")
 
 
+# ------------------------------------------------------------------------------------- training
+@cli.command("train")
+@click.argument("recipe", required=False)
+@click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE",
+              help="Override a recipe field (dotted keys, repeatable): --set optimizer.lr=0.01")
+@click.option("--out", default=None, help="Run directory (default runs/<recipe>-<timestamp>).")
+@click.option("--resume", default=None, type=click.Path(file_okay=False),
+              help="Continue the run in this directory from its last finished epoch.")
+@click.option("--no-progress", is_flag=True, help="No progress bars (logs only).")
+def train_cmd(recipe: Optional[str], overrides: Sequence[str], out: Optional[str], resume: Optional[str],
+              no_progress: bool) -> None:
+    """Fine-tune as RECIPE (a name in recipes/ or a .yaml path) says."""
+    from .engine import resume_run, train_recipe
+    if resume:
+        result = resume_run(resume, overrides, progress=not no_progress)
+    elif recipe:
+        result = train_recipe(recipe, overrides, out_dir=out, progress=not no_progress)
+    else:
+        raise FinetuneError("train: give a RECIPE (e.g. pets37, demo, or a .yaml path) or --resume RUN_DIR")
+    _print_result(result)
+
+
+def _print_result(result) -> None:
+    if int(os.environ.get("RANK", "0")) != 0:
+        return
+    test = f", test top-1 {result.test['top1']:.4f}" if result.test else ""
+    click.echo(f"run: {result.run_dir}  ({result.status})")
+    click.echo(f"best val top-1 {result.best_val_top1:.4f} at epoch {result.best_epoch}{test}: {result.best_checkpoint}")
+
+
+@cli.command("eval")
+@click.argument("checkpoint", type=click.Path(dir_okay=False))
+@click.option("--recipe", default=None, help="Recipe for the data (default: the one stored in the checkpoint).")
+@click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE", help="Override a recipe field.")
+@click.option("--split", type=click.Choice(["val", "test", "train"]), default="val", show_default=True)
+@click.option("--batch-size", type=int, default=None)
+@click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
+def eval_cmd(checkpoint: str, recipe: Optional[str], overrides: Sequence[str], split: str,
+             batch_size: Optional[int], as_json: bool) -> None:
+    """Top-1, top-5, per-class accuracy, loss and confusion matrix of CHECKPOINT on a split."""
+    from .evaluation import evaluate_on_split, format_report
+    report = evaluate_on_split(checkpoint, recipe=recipe, overrides=overrides, split=split, batch_size=batch_size)
+    click.echo(json.dumps(report, indent=2) if as_json else format_report(report))
+
+
+@cli.command("predict")
+@click.argument("checkpoint", type=click.Path(dir_okay=False))
+@click.argument("images", nargs=-1, required=True, type=click.Path(dir_okay=False))
+@click.option("--top-k", type=int, default=5, show_default=True)
+@click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
+def predict_cmd(checkpoint: str, images: Sequence[str], top_k: int, as_json: bool) -> None:
+    """Top-k class names and probabilities for each IMAGE."""
+    from .evaluation import predict
+    results = predict(checkpoint, images, top_k=top_k)
+    if as_json:
+        click.echo(json.dumps(results, indent=2))
+        return
+    for item in results:
+        ranked = "  ".join(f"{p['class']} {p['probability']:.3f}" for p in item["top"])
+        click.echo(f"{item['image']}: {ranked}")
+
+
+@cli.command("demo")
+@click.option("--out", default=None, help="Run directory (default runs/demo-<timestamp>).")
+@click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE", help="Override a recipe field.")
+def demo_cmd(out: Optional[str], overrides: Sequence[str]) -> None:
+    """Offline demo: a small ViT from scratch on scikit-learn's digits (no download at all)."""
+    from .engine import train_recipe
+    result = train_recipe("demo", overrides, out_dir=out)
+    _print_result(result)
+
+
 # ------------------------------------------------------------------------------------ entry point
 def main(argv: Optional[Sequence[str]] = None) -> None:
     """Console entry point: user errors become one line on stderr and exit status 2."""

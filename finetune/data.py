@@ -32,13 +32,13 @@ from PIL import Image
 from sklearn.datasets import load_digits
 from sklearn.model_selection import train_test_split
 from torch.utils.data import ConcatDataset, DataLoader, Dataset, Subset
-from torch.utils.data import DistributedSampler, WeightedRandomSampler
+from torch.utils.data import Sampler
 from torch.utils.data.dataloader import default_collate
 
 from .errors import FinetuneError
 
 DATASETS = ("imagefolder", "oxford_pets", "cifar10", "cifar100", "flowers102", "digits")
-AUGMENTS = ("none", "flip", "crop_flip", "randaugment")
+AUGMENTS = ("none", "flip", "affine", "crop_flip", "randaugment")
 # torchvision's list plus .gif: real folders (hymenoptera_data) hold the odd GIF, and PIL reads it.
 IMAGE_EXTENSIONS = tuple(tvd.folder.IMG_EXTENSIONS) + (".gif",)
 DEFAULT_ROOT = "data"
@@ -92,6 +92,9 @@ def build_transforms(data_config: dict, img_size: int, augment: str = "none", tr
         return T.Compose(eval_geometry + to_tensor)
     if augment == "flip":
         return T.Compose(eval_geometry + [T.RandomHorizontalFlip()] + to_tensor)
+    if augment == "affine":  # small shifts/rotations, no flip: for digits and text, where a mirror changes the class
+        return T.Compose(eval_geometry + [T.RandomAffine(degrees=10, translate=(0.1, 0.1), scale=(0.9, 1.1),
+                                                         interpolation=T.InterpolationMode.BILINEAR)] + to_tensor)
     crop_flip = [T.RandomResizedCrop(img_size, scale=(0.6, 1.0), interpolation=interpolation), T.RandomHorizontalFlip()]
     if augment == "crop_flip":
         return T.Compose(crop_flip + to_tensor)
@@ -428,41 +431,105 @@ def build_loader(
 ) -> DataLoader:
     """A DataLoader over `dataset`: seeded shuffling for training, fixed order for evaluation.
 
+    `batch_size` is the global batch: with `distributed` (torch.distributed initialised), each of
+    the N processes loads `batch_size // N` samples of every global batch (see `EpochSampler`).
     `balanced` draws training samples with probability 1/(size of their class), with replacement,
     `len(dataset)` per epoch; it is ignored when `train` is False, because evaluation must see every
-    sample exactly once. With `distributed`, call `loader.sampler.set_epoch(epoch)` every epoch.
+    sample exactly once. Call `loader.sampler.set_epoch(epoch)` every epoch.
     """
     if not isinstance(batch_size, int) or batch_size <= 0:
         raise FinetuneError(f"batch_size: {batch_size!r} is not a positive integer")
     if not isinstance(workers, int) or workers < 0:
         raise FinetuneError(f"workers: {workers!r} must be an integer >= 0")
-    balanced = balanced and train
-    if balanced and distributed:
-        raise FinetuneError("balanced: class-balanced sampling is not supported with distributed training; set balanced to false")
-    generator = torch.Generator().manual_seed(seed)
-    sampler = None
-    if balanced:
-        sampler = _balanced_sampler(dataset, generator)
-    elif distributed:
-        sampler = DistributedSampler(dataset, shuffle=train, seed=seed, drop_last=drop_last)
+    rank, world_size = _process_group() if distributed else (0, 1)
+    if batch_size % world_size:
+        raise FinetuneError(f"batch_size: {batch_size} is not divisible by the {world_size} processes")
+    sampler = EpochSampler(dataset, shuffle=train, balanced=balanced and train, seed=seed,
+                           global_batch=batch_size, rank=rank, world_size=world_size)
     return DataLoader(
         dataset,
-        batch_size=batch_size,
-        shuffle=train and sampler is None,
+        batch_size=batch_size // world_size,
         sampler=sampler,
         num_workers=workers,
         collate_fn=collate_skipping_unreadable,
         pin_memory=torch.cuda.is_available(),
         persistent_workers=workers > 0,
         drop_last=drop_last,
-        generator=generator,
+        worker_init_fn=_seed_worker,
+        generator=torch.Generator().manual_seed(seed),
     )
 
 
-def _balanced_sampler(dataset, generator: torch.Generator) -> WeightedRandomSampler:
+class EpochSampler(Sampler):
+    """The same global sample order on 1 or N processes, fixed by (seed, epoch).
+
+    Training order is a permutation (or, `balanced`, a class-balanced draw with replacement) seeded
+    by seed + epoch, cut into global batches; process r takes slice r of every batch. So N processes
+    with batch B/N see exactly the samples one process with batch B sees (DDP then averages the same
+    gradient), and a run resumed at epoch e sees the order an uninterrupted run would have.
+    Evaluation order is 0..n-1, dealt round-robin across processes without padding.
+    """
+
+    def __init__(self, dataset, *, shuffle: bool, balanced: bool, seed: int, global_batch: int,
+                 rank: int = 0, world_size: int = 1):
+        self.n = len(dataset)
+        self.shuffle, self.seed, self.epoch = shuffle, seed, 0
+        self.global_batch, self.rank, self.world_size = global_batch, rank, world_size
+        self.weights = _balanced_weights(dataset) if balanced else None
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def _global_order(self) -> List[int]:
+        if not self.shuffle:
+            return list(range(self.n))
+        generator = torch.Generator().manual_seed(self.seed + self.epoch)
+        if self.weights is not None:
+            return torch.multinomial(self.weights, self.n, replacement=True, generator=generator).tolist()
+        return torch.randperm(self.n, generator=generator).tolist()
+
+    def _local_order(self) -> List[int]:
+        order = self._global_order()
+        if self.world_size == 1:
+            return order
+        if not self.shuffle:
+            return order[self.rank::self.world_size]
+        per_process = self.global_batch // self.world_size
+        local: List[int] = []
+        for start in range(0, len(order), self.global_batch):
+            batch = order[start:start + self.global_batch]
+            if len(batch) == self.global_batch:
+                local += batch[self.rank * per_process:(self.rank + 1) * per_process]
+            else:  # the last, partial batch: deal it out as evenly as possible
+                local += batch[self.rank::self.world_size]
+        return local
+
+    def __iter__(self):
+        return iter(self._local_order())
+
+    def __len__(self) -> int:
+        return len(self._local_order())
+
+
+def _process_group() -> Tuple[int, int]:
+    import torch.distributed as dist
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+def _seed_worker(worker_id: int) -> None:
+    # Each worker's augmentation RNG derives from the loader's seed (torch does this for torch.*;
+    # numpy and random are used by some transforms too).
+    import random
+    seed = torch.initial_seed() % 2**32
+    np.random.seed(seed)
+    random.seed(seed)
+
+
+def _balanced_weights(dataset) -> torch.Tensor:
     targets = torch.as_tensor(dataset_targets(dataset), dtype=torch.long)
     if len(targets) == 0:
         raise FinetuneError("balanced: the training set is empty; there is nothing to sample")
     class_counts = torch.bincount(targets)
-    weights = 1.0 / class_counts[targets].double()
-    return WeightedRandomSampler(weights, num_samples=len(targets), replacement=True, generator=generator)
+    return 1.0 / class_counts[targets].double()

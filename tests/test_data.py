@@ -315,9 +315,22 @@ def test_loaders_are_seeded():
     assert in_order == list(range(50))  # eval: no shuffle and balanced ignored, every sample once
 
 
-def test_balanced_with_distributed_is_refused():
-    with pytest.raises(FinetuneError, match="not supported"):
-        build_loader(LabelsOnly([0, 1]), batch_size=2, train=True, balanced=True, distributed=True)
+@pytest.mark.parametrize("balanced", [False, True])
+def test_epoch_sampler_gives_processes_slices_of_the_same_global_batches(balanced):
+    from finetune.data import EpochSampler
+    dataset = LabelsOnly([0] * 9 + [1] * 3)
+    single = EpochSampler(dataset, shuffle=True, balanced=balanced, seed=3, global_batch=4)
+    shards = [EpochSampler(dataset, shuffle=True, balanced=balanced, seed=3, global_batch=4, rank=r, world_size=2)
+              for r in range(2)]
+    for sampler in (single, *shards):
+        sampler.set_epoch(5)
+    order = list(single)
+    for b in range(3):  # each global batch of 4 = rank 0's 2 samples + rank 1's 2 samples
+        assert list(shards[0])[2 * b:2 * b + 2] + list(shards[1])[2 * b:2 * b + 2] == order[4 * b:4 * b + 4]
+    single.set_epoch(6)
+    assert list(single) != order  # a new epoch, a new order; the same epoch, the same order (resume)
+    single.set_epoch(5)
+    assert list(single) == order
 
 
 def test_dataset_targets_maps_subsets_without_decoding():

@@ -1,0 +1,419 @@
+"""Compare runs, soups and checkpoints side by side in one table.
+
+    rows = collect_rows()                      # every run directory under runs/, and their soups
+    print(format_table(rows, "markdown", sort="best_val_top1"))
+
+A row is a plain dict (ROW_KEYS). Everything is read from small files and checkpoint headers
+(never the weights): a run's recipe.yaml, metrics.jsonl, best.json, results.json and status.json,
+a checkpoint's metadata and tensor shapes. A run whose files are missing or cut short (a crash
+mid-write) still gets a row, marked in `status` and `notes`; the table never fails on one run.
+
+Scores added by `evaluate_missing` (`--eval`) go to the folder's results.json: a run's best
+checkpoint under the split's name (`{"test": {"top1", "top5", "loss", "checkpoint"}}`, as eval
+writes it), any other checkpoint of the folder (a soup) under `{"checkpoints": {FILE: {SPLIT: ...}}}`.
+"""
+from __future__ import annotations
+
+import csv
+import io
+import json
+import math
+import os
+from pathlib import Path
+from typing import Any, Callable, Dict, Iterable, List, Optional, Sequence, Tuple
+
+import click
+import yaml
+
+from .checkpoints import atomic_write, read_meta, tensor_shapes
+from .errors import FinetuneError
+from .soup import SPLITS, run_click
+
+FORMATS = ("markdown", "csv", "json")
+ROW_KEYS = ("name", "kind", "model", "recipe", "dataset", "img_size", "epochs", "best_val_top1", "best_epoch",
+            "test_top1", "params", "images_per_s", "ingredients", "status", "notes", "path", "checkpoint")
+TABLE_COLUMNS = (  # (header, row key)
+    ("run", "name"), ("kind", "kind"), ("model", "model"), ("recipe", "recipe"), ("dataset", "dataset"),
+    ("img", "img_size"), ("epochs", "epochs"), ("best val top-1 (epoch)", "best_val_top1"),
+    ("test top-1", "test_top1"), ("params (M)", "params"), ("img/s", "images_per_s"),
+    ("ingredients/notes", "notes"))
+SORT_KEYS = ("name", "kind", "model", "recipe", "dataset", "img_size", "epochs", "best_val_top1", "best_epoch",
+             "test_top1", "params", "images_per_s", "status")
+SORT_ALIASES = {"run": "name", "img": "img_size", "val": "best_val_top1", "val_top1": "best_val_top1",
+                "test": "test_top1", "img/s": "images_per_s"}
+DESCENDING = {"best_val_top1", "test_top1", "images_per_s"}  # bigger is better: best first
+Evaluator = Callable[[Path, str], Dict[str, Any]]
+
+
+# ------------------------------------------------------------------------------------------- rows
+def collect_rows(inputs: Optional[Iterable[str | os.PathLike]] = None, runs_dir: str | os.PathLike = "runs"
+                 ) -> List[Dict[str, Any]]:
+    """One row per run directory and per checkpoint (soups of a run directory included)."""
+    inputs = list(inputs or []) or _run_dirs(Path(runs_dir))
+    rows = []
+    for item in inputs:
+        path = Path(item)
+        if path.is_dir():
+            rows.append(run_row(path))
+            rows.extend(checkpoint_row(soup) for soup in sorted(path.glob("soup*.safetensors")))
+        elif path.is_file():
+            rows.append(checkpoint_row(path))
+        else:
+            raise FinetuneError(f"{path}: no such run directory or checkpoint file")
+    return rows
+
+
+def _run_dirs(runs_dir: Path) -> List[Path]:
+    if not runs_dir.is_dir():
+        raise FinetuneError(f"{runs_dir}: no such runs directory; pass run directories or checkpoints, "
+                            "or --runs-dir DIR")
+    return sorted(p for p in runs_dir.iterdir() if p.is_dir() and not p.name.startswith("."))
+
+
+def _empty_row(name: str, kind: str, path: Path) -> Dict[str, Any]:
+    row: Dict[str, Any] = dict.fromkeys(ROW_KEYS)
+    row.update(name=name, kind=kind, path=str(path), notes=[])
+    return row
+
+
+def run_row(run_dir: Path) -> Dict[str, Any]:
+    """A run directory's row; missing or damaged files become notes, never errors."""
+    row = _empty_row(run_dir.name, "run", run_dir)
+    notes: List[str] = row["notes"]
+    recipe = _read_document(run_dir / "recipe.yaml", notes, yaml.safe_load)
+    records = _read_metrics(run_dir / "metrics.jsonl", notes)
+    best = _read_document(run_dir / "best.json", notes, json.loads)
+    results = _read_document(run_dir / "results.json", [], json.loads)
+    status = _read_document(run_dir / "status.json", [], json.loads)
+    checkpoint = _run_checkpoint(run_dir, best)
+    meta = _safe_meta(checkpoint, notes) if checkpoint else {}
+    recipe = recipe or meta.get("recipe") or {}
+    row.update(_recipe_fields(recipe), checkpoint=str(checkpoint) if checkpoint else None,
+               epochs=len(records) if records else None, images_per_s=_mean(r.get("images_per_s") for r in records))
+    row["img_size"] = _first_present(row["img_size"], meta.get("img_size"))
+    row["model"] = _first_present(row["model"], meta.get("source"))
+    row["best_val_top1"], row["best_epoch"] = _best_val(records, best, results)
+    row["test_top1"] = _first_present(_run_top1(results.get("test")), (meta.get("metrics") or {}).get("test_top1"))
+    row["params"] = _safe_params(checkpoint) if checkpoint else None
+    row["status"] = _run_status(status, run_dir, notes)
+    return row
+
+
+def checkpoint_row(path: Path) -> Dict[str, Any]:
+    """A checkpoint file's row (kind "soup" for soups); an unreadable file is a row with a note."""
+    row = _empty_row(f"{path.parent.name}/{path.name}", "checkpoint", path)
+    row["checkpoint"] = str(path)
+    try:
+        meta = read_meta(path)
+        row["params"] = _params(path)
+    except FinetuneError as e:
+        row.update(status="unreadable", notes=[str(e)])
+        return row
+    # A checkpoint saved without its recipe still sits beside the run's recipe.yaml.
+    recipe = meta.get("recipe") or _read_document(path.parent / "recipe.yaml", [], yaml.safe_load)
+    metrics = meta.get("metrics") or {}
+    stored = _stored_results(path)
+    row.update(_recipe_fields(recipe), img_size=meta.get("img_size"), best_epoch=meta.get("epoch"),
+               best_val_top1=metrics.get("val_top1", _top1(stored.get("val"))),
+               test_top1=metrics.get("test_top1", _top1(stored.get("test"))))
+    if meta.get("source") == "soup":
+        row.update(_soup_fields(meta.get("soup") or {}), kind="soup")
+    else:
+        row.update(model=_first_present(row["model"], meta.get("source")), status="checkpoint")
+    return row
+
+
+def _soup_fields(soup: Dict[str, Any]) -> Dict[str, Any]:
+    names = [_short_name(i.get("path", "?")) for i in soup.get("ingredients", [])]
+    notes = [f"{soup.get('method', '?')} soup of {', '.join(names)}"]
+    if soup.get("kept") is not None:
+        notes.append(f"kept {', '.join(_short_name(k) for k in soup['kept'])}")
+    return {"ingredients": names, "status": f"{soup.get('method', '?')} soup", "notes": notes}
+
+
+def _short_name(path: str) -> str:
+    return path[:-len(".safetensors")] if path.endswith(".safetensors") else path
+
+
+def _recipe_fields(recipe: Any) -> Dict[str, Any]:
+    if not isinstance(recipe, dict):
+        return {}
+    data = recipe.get("data") if isinstance(recipe.get("data"), dict) else {}
+    return {"model": recipe.get("model") or None, "recipe": recipe.get("name") or None,
+            "dataset": data.get("dataset"), "img_size": recipe.get("img_size")}
+
+
+# ---------------------------------------------------------------------------------------- reading
+def _read_document(path: Path, notes: List[str], parse: Callable[[str], Any]) -> Dict[str, Any]:
+    """A JSON/YAML mapping, or {} with a note saying why not."""
+    if not path.is_file():
+        notes.append(f"no {path.name}")
+        return {}
+    try:
+        value = parse(path.read_text())
+    except (ValueError, yaml.YAMLError, OSError, UnicodeDecodeError):
+        notes.append(f"unreadable {path.name}")
+        return {}
+    if not isinstance(value, dict):
+        notes.append(f"unreadable {path.name}")
+        return {}
+    return value
+
+
+def _read_metrics(path: Path, notes: List[str]) -> List[Dict[str, Any]]:
+    if not path.is_file():
+        notes.append("no metrics.jsonl")
+        return []
+    records = []
+    for number, line in enumerate(path.read_text(errors="replace").splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except ValueError:
+            record = None
+        if isinstance(record, dict):
+            records.append(record)
+        else:
+            notes.append(f"metrics.jsonl line {number} unreadable (truncated?)")
+    return records
+
+
+def _run_checkpoint(run_dir: Path, best: Dict[str, Any]) -> Optional[Path]:
+    """The run's best checkpoint (first in best.json), else last.safetensors, else None."""
+    entries = best.get("checkpoints") if isinstance(best.get("checkpoints"), list) else []
+    for entry in entries[:1]:
+        if isinstance(entry, dict) and (run_dir / str(entry.get("path"))).is_file():
+            return run_dir / str(entry["path"])
+    last = run_dir / "last.safetensors"
+    return last if last.is_file() else None
+
+
+def _safe_meta(path: Path, notes: List[str]) -> Dict[str, Any]:
+    try:
+        return read_meta(path)
+    except FinetuneError:
+        notes.append(f"unreadable {path.name}")
+        return {}
+
+
+def _safe_params(path: Path) -> Optional[int]:
+    try:
+        return _params(path)
+    except FinetuneError:
+        return None  # already noted by _safe_meta
+
+
+def _params(path: Path) -> int:
+    return sum(math.prod(shape) for shape, _ in tensor_shapes(path).values())
+
+
+def _best_val(records: List[Dict[str, Any]], best: Dict[str, Any], results: Dict[str, Any]
+              ) -> Tuple[Optional[float], Optional[int]]:
+    # metrics.jsonl may be cut short and best.json may rank by another metric: take the best of both.
+    entries = best.get("checkpoints") if isinstance(best.get("checkpoints"), list) else []
+    candidates = [(r.get("val_top1"), r.get("epoch")) for r in records + [e for e in entries if isinstance(e, dict)]]
+    candidates = [(v, e) for v, e in candidates if isinstance(v, (int, float))]
+    if candidates:
+        return max(candidates, key=lambda c: c[0])
+    return _run_top1(results.get("val")), None
+
+
+def _run_top1(result: Any) -> Optional[float]:
+    # `finetune eval` of a soup records it under the split too; that score is the soup's row's, not the run's.
+    if isinstance(result, dict) and Path(str(result.get("checkpoint") or "")).match("soup*.safetensors"):
+        return None
+    return _top1(result)
+
+
+def _first_present(*values: Any) -> Any:
+    return next((v for v in values if v is not None), None)
+
+
+def _top1(result: Any) -> Optional[float]:
+    return result.get("top1") if isinstance(result, dict) else None
+
+
+def _mean(values: Iterable[Any]) -> Optional[float]:
+    numbers = [v for v in values if isinstance(v, (int, float))]
+    return sum(numbers) / len(numbers) if numbers else None
+
+
+def _run_status(status: Dict[str, Any], run_dir: Path, notes: List[str]) -> str:
+    if isinstance(status.get("state"), str):
+        return status["state"]
+    if not (run_dir / "metrics.jsonl").is_file():
+        return "no metrics"
+    return "partial" if notes else "unknown"
+
+
+def _stored_results(path: Path) -> Dict[str, Any]:
+    """Scores of a checkpoint file kept in its folder's results.json, by split."""
+    results = _read_document(path.parent / "results.json", [], json.loads)
+    by_file = (results.get("checkpoints") or {}).get(path.name)
+    scores = dict(by_file) if isinstance(by_file, dict) else {}
+    for split in SPLITS:
+        entry = results.get(split)
+        if split not in scores and isinstance(entry, dict) and entry.get("checkpoint") == path.name:
+            scores[split] = entry
+    return scores
+
+
+# ---------------------------------------------------------------------------------------- eval
+def evaluate_missing(rows: Sequence[Dict[str, Any]], split: str = "test",
+                     evaluator: Optional[Evaluator] = None) -> List[Dict[str, Any]]:
+    """Score on `split` every row's checkpoint that has no score there yet; store it in results.json.
+
+    `evaluator(checkpoint_path, split)` returns {"top1", "top5", "loss"}; by default the engine
+    evaluates the checkpoint on its stored recipe's dataset. Returns what was done, row by row.
+    """
+    if split not in SPLITS:
+        raise FinetuneError(f"split: unknown value {split!r}; expected one of {', '.join(SPLITS)}")
+    evaluator = evaluator or default_evaluator
+    score_key = "test_top1" if split == "test" else "best_val_top1"
+    done = []
+    for row in rows:
+        if row.get(score_key) is not None:
+            continue
+        if not row.get("checkpoint"):
+            done.append({"name": row["name"], "skipped": "no checkpoint to evaluate"})
+            continue
+        checkpoint = Path(row["checkpoint"])
+        result = evaluator(checkpoint, split)
+        store_result(checkpoint, split, result, as_run=row["kind"] == "run")
+        done.append({"name": row["name"], "checkpoint": str(checkpoint), "split": split, "top1": result.get("top1")})
+    return done
+
+
+def store_result(checkpoint: Path, split: str, result: Dict[str, Any], as_run: bool) -> Path:
+    """Merge a score into the checkpoint folder's results.json, atomically."""
+    results_path = checkpoint.parent / "results.json"
+    problems: List[str] = []
+    results = _read_document(results_path, problems, json.loads) if results_path.is_file() else {}
+    if problems:  # never overwrite scores we could not read
+        raise FinetuneError(f"{results_path}: not a readable JSON object; fix or delete it before --eval")
+    entry = {k: result.get(k) for k in ("top1", "top5", "loss")}
+    if as_run:
+        results[split] = {**entry, "checkpoint": checkpoint.name}
+    else:
+        results.setdefault("checkpoints", {}).setdefault(checkpoint.name, {})[split] = entry
+    text = json.dumps(results, indent=2) + "\n"
+    return atomic_write(results_path, lambda tmp: Path(tmp).write_text(text))
+
+
+def default_evaluator(checkpoint: Path, split: str) -> Dict[str, Any]:
+    """Top-1/top-5/loss of `checkpoint` on `split` of its recipe's dataset (engine, lazily)."""
+    from .soup import resolve_recipe
+    meta = read_meta(checkpoint)
+    beside = checkpoint.parent / "recipe.yaml"
+    recipe = resolve_recipe(str(beside) if not meta.get("recipe") and beside.is_file() else None, checkpoint, meta)
+    from . import engine
+    from .loading import load_model
+    model = load_model(str(checkpoint))
+    result = engine.evaluate(model, engine.split_loader(recipe, model, split))
+    return {"top1": result["top1"], "top5": result.get("top5"), "loss": result.get("loss")}
+
+
+# ---------------------------------------------------------------------------------------- table
+def sort_key_of(column: Optional[str]) -> Optional[str]:
+    """The row key a --sort value names (a row key or a short table name), or a one-line error."""
+    if column is None:
+        return None
+    key = SORT_ALIASES.get(column, column)
+    if key not in SORT_KEYS:
+        raise FinetuneError(f"--sort: unknown column {column!r}; expected one of {', '.join(SORT_KEYS)} "
+                            f"(or {', '.join(SORT_ALIASES)})")
+    return key
+
+
+def sort_rows(rows: Sequence[Dict[str, Any]], column: Optional[str]) -> List[Dict[str, Any]]:
+    """Rows ordered by `column` (accuracies and img/s best first); rows without a value last."""
+    key = sort_key_of(column)
+    if key is None:
+        return list(rows)
+    present = [r for r in rows if r.get(key) is not None]
+    missing = [r for r in rows if r.get(key) is None]
+    present.sort(key=lambda r: _sortable(r[key]), reverse=key in DESCENDING)
+    return present + missing
+
+
+def _sortable(value: Any) -> Tuple[int, Any]:
+    # Numbers before text, so a malformed value (a string img_size) cannot break the sort.
+    return (0, value) if isinstance(value, (int, float)) else (1, str(value))
+
+
+def format_table(rows: Sequence[Dict[str, Any]], fmt: str = "markdown", sort: Optional[str] = None) -> str:
+    """The rows as a markdown table, CSV or JSON text."""
+    if fmt not in FORMATS:
+        raise FinetuneError(f"--format: unknown value {fmt!r}; expected one of {', '.join(FORMATS)}")
+    rows = sort_rows(rows, sort)
+    if fmt == "json":
+        return json.dumps(rows, indent=2)
+    if fmt == "csv":
+        return _csv(rows)
+    return _markdown(rows)
+
+
+def _markdown(rows: Sequence[Dict[str, Any]]) -> str:
+    lines = ["| " + " | ".join(header for header, _ in TABLE_COLUMNS) + " |",
+             "|" + "|".join("---" for _ in TABLE_COLUMNS) + "|"]
+    for row in rows:
+        cells = [_cell(row, key).replace("|", "\\|") for _, key in TABLE_COLUMNS]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def _cell(row: Dict[str, Any], key: str) -> str:
+    value = row.get(key)
+    if key == "best_val_top1" and value is not None:
+        return _fraction(value) + (f" ({row['best_epoch']})" if row.get("best_epoch") is not None else "")
+    if key == "notes":
+        parts = [] if row["kind"] == "soup" else [row.get("status") or ""]
+        return "; ".join(p for p in parts + list(row.get("notes") or []) if p) or "-"
+    if value is None:
+        return "-"
+    if key == "test_top1":
+        return _fraction(value)
+    if key == "params":
+        return f"{value / 1e6:.2f}"
+    if key == "images_per_s":
+        return f"{value:.1f}"
+    return str(value)
+
+
+def _fraction(value: Optional[float]) -> str:
+    return "-" if value is None else f"{value:.4f}"
+
+
+def _csv(rows: Sequence[Dict[str, Any]]) -> str:
+    buffer = io.StringIO()
+    writer = csv.DictWriter(buffer, fieldnames=ROW_KEYS, lineterminator="\n")
+    writer.writeheader()
+    for row in rows:
+        writer.writerow({k: ";".join(row[k]) if isinstance(row.get(k), list) else row.get(k) for k in ROW_KEYS})
+    return buffer.getvalue().rstrip("\n")
+
+
+# ------------------------------------------------------------------------------------------ cli
+@click.command("compare", context_settings={"help_option_names": ["-h", "--help"]})
+@click.argument("inputs", nargs=-1)
+@click.option("--runs-dir", default="runs", show_default=True, help="Where to find runs when none are given.")
+@click.option("--format", "fmt", type=click.Choice(FORMATS), default="markdown", show_default=True)
+@click.option("--sort", default=None, help=f"Column to sort by: {', '.join(SORT_KEYS)}.")
+@click.option("--eval", "do_eval", is_flag=True, help="First score checkpoints that have no score on --split.")
+@click.option("--split", type=click.Choice(SPLITS), default="test", show_default=True)
+def compare_command(inputs, runs_dir, fmt, sort, do_eval, split) -> None:
+    """Table of runs (RUN_DIR) and checkpoints or soups (CKPT), default every run under --runs-dir."""
+    sort_key_of(sort)  # a typo fails before any evaluation runs
+    rows = collect_rows(inputs, runs_dir)
+    if do_eval:
+        for done in evaluate_missing(rows, split):
+            message = done.get("skipped") or f"{done['split']} top-1 {_fraction(done['top1'])}"
+            click.echo(f"{done['name']}: {message}", err=True)  # stdout stays a clean table/CSV/JSON
+        rows = collect_rows(inputs, runs_dir)
+    click.echo(format_table(rows, fmt, sort))
+
+
+def run_cli(argv: Optional[Sequence[str]] = None) -> None:
+    """`python tools/compare.py ...`: the compare command with the CLI's error handling."""
+    run_click(compare_command, argv, "compare")

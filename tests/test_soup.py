@@ -1,0 +1,376 @@
+"""Model soups: uniform (streamed, weighted, bf16), greedy, ingredient checks, run dirs, CLI."""
+from __future__ import annotations
+
+import hashlib
+import json
+import sys
+import types
+from pathlib import Path
+
+import pytest
+import torch
+
+import finetune
+from finetune import soup
+from finetune.checkpoints import model_meta, read_checkpoint, write_checkpoint
+from finetune.errors import FinetuneError
+from finetune.soup import greedy_soup, make_soup, resolve_ingredients, uniform_soup, validate_ingredients
+
+from conftest import DEIT_WEIGHTS, HYMENOPTERA, require_shared
+
+SCRATCH = "scratch:patch_size=8,embed_dim=64,depth={depth},num_heads=4"
+
+
+def small_model(num_classes=3, depth=2, class_names=None):
+    model = finetune.load_model(SCRATCH.format(depth=depth), num_classes=num_classes, img_size=32,
+                                class_names=class_names or [f"c{i}" for i in range(num_classes)])
+    with torch.no_grad():
+        for p in model.parameters():
+            p.normal_(0, 0.05)
+    return model.eval()
+
+
+def save(path, model=None, dtype=None, extra_tensors=None, **kwargs):
+    """A checkpoint of `model` (a fresh random one by default), optionally cast to `dtype`."""
+    model = model or small_model()
+    if dtype is None and extra_tensors is None:
+        return finetune.save_checkpoint(path, model, **kwargs)
+    state = {k: v.to(dtype) if dtype else v for k, v in model.state_dict().items()}
+    state.update(extra_tensors or {})
+    meta = dict(model_meta(model), epoch=kwargs.get("epoch"), metrics=kwargs.get("metrics") or {}, recipe=None)
+    return write_checkpoint(path, state, meta)
+
+
+def ingredients(folder, count=3, **kwargs):
+    return [save(Path(folder) / f"epoch-{i:03d}.safetensors", epoch=i, metrics={"val_top1": 0.5 + i / 10}, **kwargs)
+            for i in range(1, count + 1)]
+
+
+def states(paths):
+    return [read_checkpoint(p)[0] for p in paths]
+
+
+def make_run(folder, order=(3, 1, 2)):
+    """A fake run directory with three kept checkpoints, best.json listing them best first."""
+    folder.mkdir(parents=True)
+    paths = ingredients(folder)
+    entries = [{"epoch": e, "path": f"epoch-{e:03d}.safetensors", "val_top1": 0.5 + e / 10} for e in order]
+    (folder / "best.json").write_text(json.dumps({"metric": "val_top1", "keep": 3, "checkpoints": entries}))
+    return folder, paths
+
+
+def run_cli(args, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        soup.run_cli([str(a) for a in args])
+        raise SystemExit(0)
+    captured = capsys.readouterr()
+    return exit_info.value.code, captured.out, captured.err
+
+
+# ------------------------------------------------------------------------------------------ uniform
+def test_uniform_soup_is_the_mean(tmp_path):
+    paths = ingredients(tmp_path)
+    out = make_soup(paths, out=tmp_path / "soup.safetensors")
+    soup_state, meta = read_checkpoint(out)
+    parts = states(paths)
+    assert list(soup_state) == list(parts[0])
+    for key, value in soup_state.items():
+        torch.testing.assert_close(value, torch.stack([p[key] for p in parts]).mean(0), rtol=0, atol=1e-7)
+    assert meta["source"] == "soup" and meta["epoch"] is None and meta["metrics"] == {}
+    assert meta["soup"]["method"] == "uniform" and meta["soup"]["weights"] == pytest.approx([1 / 3] * 3)
+
+
+def test_uniform_soup_with_weights_is_the_weighted_mean(tmp_path):
+    paths = ingredients(tmp_path)
+    tensors, info = uniform_soup(paths, weights=[1, 2, 1])
+    a, b, c = states(paths)
+    for key, value in tensors.items():
+        torch.testing.assert_close(value, (a[key] + 2 * b[key] + c[key]) / 4, rtol=0, atol=1e-7)
+    assert info["weights"] == [0.25, 0.5, 0.25]
+
+
+@pytest.mark.parametrize("weights, complaint", [([1, -1, 1], "negative"), ([0, 0, 0], "all zero"),
+                                                ([1, 2], "2 given for 3 ingredients")])
+def test_bad_weights_are_one_line_errors(tmp_path, weights, complaint):
+    paths = ingredients(tmp_path)
+    with pytest.raises(FinetuneError, match=complaint) as error:
+        make_soup(paths, weights=weights)
+    assert "\n" not in str(error.value) and str(error.value).startswith("weights:")
+    assert not (tmp_path / "soup.safetensors").exists()
+
+
+def test_bf16_ingredients_are_accumulated_in_fp32_and_written_as_bf16(tmp_path):
+    paths = ingredients(tmp_path, dtype=torch.bfloat16)
+    out = make_soup(paths, out=tmp_path / "soup.safetensors", weights=[1, 1, 2])
+    soup_state, _ = read_checkpoint(out)
+    a, b, c = states(paths)
+    for key, value in soup_state.items():
+        assert value.dtype == torch.bfloat16
+        exact = (a[key].double() + b[key].double() + 2 * c[key].double()) / 4
+        # fp32 accumulation leaves only the final rounding to bf16: at most one bf16 step (2^-7 relative).
+        torch.testing.assert_close(value.double(), exact, rtol=2 ** -7, atol=1e-30)
+    accumulated_in_bf16 = (a["blocks.0.mlp.fc1.weight"] * 0.25 + b["blocks.0.mlp.fc1.weight"] * 0.25
+                           + c["blocks.0.mlp.fc1.weight"] * 0.5)
+    exact = (a["blocks.0.mlp.fc1.weight"].double() + b["blocks.0.mlp.fc1.weight"].double()
+             + 2 * c["blocks.0.mlp.fc1.weight"].double()) / 4
+    ours = soup_state["blocks.0.mlp.fc1.weight"].double()
+    assert (ours - exact).abs().sum() < (accumulated_in_bf16.double() - exact).abs().sum()
+
+
+def test_integer_buffers_are_copied_when_equal_and_refused_when_not(tmp_path):
+    same = [save(tmp_path / f"s{i}.safetensors", extra_tensors={"steps": torch.tensor([7, 8])}) for i in range(2)]
+    tensors, _ = uniform_soup(same)
+    assert torch.equal(tensors["steps"], torch.tensor([7, 8])) and tensors["steps"].dtype == torch.int64
+    differ = save(tmp_path / "d.safetensors", extra_tensors={"steps": torch.tensor([7, 9])})
+    with pytest.raises(FinetuneError, match="non-float tensor 'steps'") as error:
+        make_soup([same[0], differ], out=tmp_path / "bad.safetensors")
+    assert str(differ) in str(error.value)
+    assert not (tmp_path / "bad.safetensors").exists()
+
+
+# ------------------------------------------------------------------------------------------- greedy
+def distance_scorer(target):
+    """Accuracy stand-in: 1 at `target`, falling with the distance from it."""
+    def score(state):
+        distance = sum(((state[k].double() - target[k].double()) ** 2).sum() for k in target) ** 0.5
+        return float(1 / (1 + distance))
+    return score
+
+
+def offset_ingredients(folder, target_model, offsets):
+    """Checkpoints at target + independent noise of the given sizes."""
+    paths = []
+    for i, size in enumerate(offsets):
+        model = small_model()
+        model.load_state_dict({k: v + size * torch.randn_like(v) for k, v in target_model.state_dict().items()})
+        paths.append(save(Path(folder) / f"ing{i}.safetensors", model))
+    return paths
+
+
+def test_greedy_keeps_ingredients_that_help_and_rejects_the_rest(tmp_path):
+    target = small_model()
+    # Two near fine-tunes with independent noise (their mean is nearer still) and one far one.
+    paths = offset_ingredients(tmp_path, target, [0.01, 0.5, 0.012])
+    score = distance_scorer(target.state_dict())
+    tensors, info = greedy_soup(paths, score)
+    assert info["scores"][0] > info["scores"][2] > info["scores"][1]
+    assert info["ranking"] == [str(paths[0]), str(paths[2]), str(paths[1])]
+    assert info["kept"] == [str(paths[0]), str(paths[2])] and info["rejected"] == [str(paths[1])]
+    assert [s["kept"] for s in info["steps"]] == [True, False]
+    assert info["score"] > max(info["scores"])
+    assert score(tensors) == info["score"]  # the soup returned is the soup that was scored
+    a, c = states([paths[0], paths[2]])
+    for key, value in tensors.items():
+        torch.testing.assert_close(value, (a[key] + c[key]) / 2, rtol=0, atol=1e-7)
+
+
+def test_greedy_is_never_below_its_best_ingredient(tmp_path):
+    target = small_model()
+    for trial in range(4):
+        folder = tmp_path / f"trial{trial}"
+        paths = offset_ingredients(folder, target, [0.02 * (1 + trial), 0.3, 0.05, 1.0])
+        score = distance_scorer(target.state_dict())
+        tensors, info = greedy_soup(paths, score)
+        assert score(tensors) >= max(info["scores"]) == info["best_ingredient_score"]
+
+
+def test_greedy_needs_a_strict_improvement(tmp_path):
+    paths = ingredients(tmp_path)
+    tensors, info = greedy_soup(paths, lambda state: 0.5)  # every soup scores the same
+    assert info["kept"] == [str(paths[0])] and len(info["rejected"]) == 2
+    assert all(torch.equal(v, states(paths[:1])[0][k]) for k, v in tensors.items())
+
+
+def test_make_soup_greedy_records_scores_and_kept(tmp_path):
+    target = small_model()
+    paths = offset_ingredients(tmp_path, target, [0.01, 0.5, 0.012])
+    out = make_soup(paths, method="greedy", score_fn=distance_scorer(target.state_dict()))
+    assert out == tmp_path / "soup-greedy.safetensors"
+    meta = finetune.read_meta(out)
+    record = meta["soup"]
+    assert record["method"] == "greedy" and record["split"] == "val"
+    assert record["kept"] == ["ing0.safetensors", "ing2.safetensors"]
+    assert [i["path"] for i in record["ingredients"]] == ["ing0.safetensors", "ing1.safetensors", "ing2.safetensors"]
+    assert all("score" in i for i in record["ingredients"])
+    assert meta["metrics"]["val_top1"] >= max(i["score"] for i in record["ingredients"])
+    assert record["weights"] == [0.5, 0.0, 0.5]
+
+
+def test_greedy_without_scorer_or_recipe_says_pass_recipe(tmp_path):
+    paths = ingredients(tmp_path)
+    with pytest.raises(FinetuneError, match="--recipe"):
+        make_soup(paths, method="greedy")
+    assert sorted(p.name for p in tmp_path.iterdir()) == [p.name for p in paths]
+
+
+def test_default_scorer_evaluates_with_the_engine_on_the_stored_recipe(tmp_path, monkeypatch):
+    from finetune.recipes import DEMO_RECIPE
+    calls = []
+    fake_engine = types.SimpleNamespace(
+        split_loader=lambda recipe, model, split: calls.append((recipe.model, split)) or "loader",
+        evaluate=lambda model, loader: {"top1": 0.75 if loader == "loader" else 0.0})
+    monkeypatch.setitem(sys.modules, "finetune.engine", fake_engine)
+    monkeypatch.setattr(finetune, "engine", fake_engine, raising=False)
+    paths = [save(tmp_path / f"e{i}.safetensors", recipe=dict(DEMO_RECIPE)) for i in range(2)]
+    out = make_soup(paths, split="test")
+    assert calls == [(DEMO_RECIPE["model"], "test")]
+    meta = finetune.read_meta(out)
+    assert meta["metrics"] == {"test_top1": 0.75} and meta["soup"]["split"] == "test"
+    assert make_soup(paths, out=tmp_path / "unscored.safetensors", evaluate=False)
+    assert finetune.read_meta(tmp_path / "unscored.safetensors")["metrics"] == {}
+
+
+# --------------------------------------------------------------------------------- bad ingredients
+def _mismatched(tmp_path, kind):
+    if kind == "num_classes":
+        return save(tmp_path / "other.safetensors", small_model(num_classes=4)), "num_classes"
+    if kind == "depth":
+        return save(tmp_path / "other.safetensors", small_model(depth=3)), "arch.kwargs.depth differs (2 vs 3)"
+    if kind == "class_names":
+        return save(tmp_path / "other.safetensors", small_model(class_names=["c0", "wasp", "c2"])), \
+            "class_names[1] differs ('c1' vs 'wasp')"
+    good = save(tmp_path / "whole.safetensors")
+    truncated = tmp_path / "other.safetensors"
+    truncated.write_bytes(good.read_bytes()[: good.stat().st_size // 2])
+    good.unlink()
+    return truncated, "truncated or corrupt"
+
+
+@pytest.mark.parametrize("kind", ["num_classes", "depth", "class_names", "truncated"])
+def test_mismatched_ingredients_are_one_line_errors_and_leave_no_file(tmp_path, capsys, kind):
+    first = save(tmp_path / "first.safetensors")
+    other, expected = _mismatched(tmp_path, kind)
+    before = sorted(p.name for p in tmp_path.iterdir())
+    with pytest.raises(FinetuneError) as error:
+        make_soup([first, other])
+    message = str(error.value)
+    assert "\n" not in message and expected in message and str(other) in message
+    if kind != "truncated":
+        assert str(first) in message
+    code, out, err = run_cli([first, other, "--no-eval"], capsys)
+    assert code == 2 and err.count("\n") == 1 and err.startswith("error: ") and expected in err
+    assert sorted(p.name for p in tmp_path.iterdir()) == before
+
+
+def test_missing_tensor_names_the_key_and_both_files(tmp_path):
+    first = save(tmp_path / "first.safetensors")
+    model = small_model()
+    state = {k: v for k, v in model.state_dict().items() if k != "norm.bias"}
+    other = write_checkpoint(tmp_path / "other.safetensors", state, dict(model_meta(model)))
+    with pytest.raises(FinetuneError, match=r"tensor 'norm.bias' is in .*first.* but not in .*other"):
+        validate_ingredients([first, other])
+
+
+def test_output_may_not_overwrite_an_ingredient(tmp_path):
+    paths = ingredients(tmp_path)
+    with pytest.raises(FinetuneError, match="is one of the ingredients"):
+        make_soup(paths, out=paths[1])
+
+
+# --------------------------------------------------------------------------------------- run dirs
+def test_run_dirs_resolve_to_best_checkpoints_in_order(tmp_path):
+    run, _ = make_run(tmp_path / "run-a")
+    assert [p.name for p in resolve_ingredients([run])] == ["epoch-003.safetensors", "epoch-001.safetensors",
+                                                            "epoch-002.safetensors"]
+    with pytest.raises(FinetuneError, match="no such checkpoint file or run directory"):
+        resolve_ingredients([tmp_path / "nope"])
+    (tmp_path / "empty-run").mkdir()
+    with pytest.raises(FinetuneError, match="no best.json"):
+        resolve_ingredients([tmp_path / "empty-run"])
+    (run / "best.json").write_text('{"checkpoints": [{"path": "epoch-009.safetensors"}]}')
+    with pytest.raises(FinetuneError, match="epoch-009.safetensors.*missing"):
+        resolve_ingredients([run])
+
+
+def test_soup_of_a_run_dir_lands_in_it_and_loads(tmp_path, capsys):
+    run, paths = make_run(tmp_path / "run-a")
+    code, out, err = run_cli([run, "--weights", "1,1,2"], capsys)
+    assert code == 0, err
+    path = run / "soup.safetensors"
+    assert f"wrote {path}" in out and "uniform" in out and "epoch-003.safetensors" in out
+    model = finetune.load_model(str(path)).eval()
+    assert model.finetune_info["class_names"] == ["c0", "c1", "c2"]
+    with torch.no_grad():
+        assert model(torch.randn(2, 3, 32, 32)).shape == (2, 3)
+    meta = finetune.read_meta(path)
+    record = meta["soup"]
+    assert meta["source"] == "soup" and record["method"] == "uniform" and record["weights"] == [0.25, 0.25, 0.5]
+    by_name = {i["path"]: i for i in record["ingredients"]}
+    assert list(by_name) == ["epoch-003.safetensors", "epoch-001.safetensors", "epoch-002.safetensors"]
+    for p in paths:
+        assert by_name[p.name]["sha256"] == hashlib.sha256(p.read_bytes()).hexdigest()
+        assert by_name[p.name]["val_top1"] == pytest.approx(0.5 + int(p.stem[-3:]) / 10)
+
+
+def test_cli_bad_weights_text_is_one_line(tmp_path, capsys):
+    run, _ = make_run(tmp_path / "run-a")
+    code, _, err = run_cli([run, "--weights", "1,x,2"], capsys)
+    assert code == 2 and err.count("\n") == 1 and "--weights: '1,x,2'" in err
+    assert not (run / "soup.safetensors").exists()
+
+
+def test_cli_greedy_prints_kept_and_score(tmp_path, capsys, monkeypatch):
+    target = small_model()
+    paths = offset_ingredients(tmp_path, target, [0.01, 0.5, 0.012])
+    scorer = distance_scorer(target.state_dict())
+    monkeypatch.setattr(soup, "default_score_fn", lambda *args: scorer)
+    code, out, err = run_cli([*paths, "--method", "greedy"], capsys)
+    assert code == 0, err
+    assert "kept: ing0.safetensors, ing2.safetensors" in out and "soup val top-1:" in out
+
+
+# --------------------------------------------------------------------------- real fine-tunes (shared)
+def test_greedy_soup_of_real_finetunes_is_never_below_its_best_ingredient(tmp_path):
+    require_shared(DEIT_WEIGHTS, HYMENOPTERA)
+    from finetune.compare import collect_rows, format_table
+    from finetune.data import build_datasets, build_loader
+    model = finetune.load_model(str(DEIT_WEIGHTS), num_classes=2)
+    splits = build_datasets("imagefolder", str(HYMENOPTERA), img_size=224, data_config=finetune.data_config_of(model),
+                            augment="none")
+    train_batches = iter(build_loader(splits.train, batch_size=16, train=True, seed=0))
+    val_batches = list(build_loader(splits.val, batch_size=64, train=False))  # decoded once, scored 5 times
+    # Fine-tune the last block, final norm and head only: the backbone's backward pass would triple
+    # the test's time on 2 cores, and the ingredients still differ in transformer weights.
+    tuned = [p for name, p in model.named_parameters() if name.startswith((f"blocks.{len(model.blocks) - 1}.",
+                                                                           "norm.", "head."))]
+    for p in model.parameters():
+        p.requires_grad_(False)
+    for p in tuned:
+        p.requires_grad_(True)
+    optimizer = torch.optim.SGD(tuned, lr=0.01)
+    run = tmp_path / "hymenoptera-deit-tiny-20240101-000000"
+    paths = []
+    for epoch in (1, 2, 3):  # three "epochs" of two SGD steps each: neighbouring fine-tunes
+        model.train()
+        for _ in range(2):
+            images, labels = next(train_batches)
+            optimizer.zero_grad()
+            torch.nn.functional.cross_entropy(model(images), labels).backward()
+            optimizer.step()
+        paths.append(finetune.save_checkpoint(run / f"epoch-{epoch:03d}.safetensors", model, epoch=epoch))
+
+    def val_accuracy(state):
+        model.load_state_dict(state)
+        model.eval()
+        with torch.no_grad():
+            correct = sum((model(x).argmax(1) == y).sum().item() for x, y in val_batches)
+        return correct / sum(len(y) for _, y in val_batches)
+
+    out = make_soup(paths, out=run / "soup-greedy.safetensors", method="greedy", score_fn=val_accuracy)
+    record = finetune.read_meta(out)["soup"]
+    scores = {i["path"]: i["score"] for i in record["ingredients"]}
+    soup_score = finetune.read_meta(out)["metrics"]["val_top1"]
+    assert soup_score >= max(scores.values())
+
+    ranked = sorted(scores, key=lambda p: -scores[p])
+    (run / "best.json").write_text(json.dumps({"metric": "val_top1", "keep": 3, "checkpoints": [
+        {"epoch": int(p[6:9]), "path": p, "val_top1": scores[p]} for p in ranked]}))
+    (run / "metrics.jsonl").write_text("".join(json.dumps({"epoch": int(p[6:9]), "val_top1": scores[p]}) + "\n"
+                                               for p in sorted(scores)))
+    rows = collect_rows([run, *paths])
+    assert [r["kind"] for r in rows] == ["run", "soup", "checkpoint", "checkpoint", "checkpoint"]
+    assert rows[0]["best_val_top1"] == max(scores.values()) and rows[0]["epochs"] == 3
+    assert rows[1]["best_val_top1"] == soup_score
+    assert rows[1]["ingredients"] == ["epoch-001", "epoch-002", "epoch-003"]
+    table = format_table(rows)
+    assert "soup-greedy.safetensors" in table and "epoch-002.safetensors" in table

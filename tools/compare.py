@@ -1,0 +1,14 @@
+#!/usr/bin/env python
+"""`python tools/compare.py --help`: the `finetune compare` command, runnable from a checkout."""
+import sys
+from pathlib import Path
+
+try:
+    import finetune  # noqa: F401
+except ImportError:  # not installed: use the checkout this script lives in
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from finetune.compare import run_cli
+
+if __name__ == "__main__":
+    run_cli(sys.argv[1:])
