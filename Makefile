@@ -8,7 +8,7 @@ SET ?=
 OUT ?=
 PYTEST_ARGS ?=
 
-.PHONY: install test test-all demo finetune bench clean
+.PHONY: install test demo finetune bench clean
 
 install: $(VENV)/.installed
 
@@ -29,7 +29,7 @@ finetune: install
 	$(VENV)/bin/finetune train $(RECIPE) $(foreach s,$(SET),--set $(s)) $(if $(OUT),--out $(OUT))
 
 bench: install
-	$(PY) -m benchmarks.run
+	$(PY) -m benchmarks.bench_soup_memory
 
 clean:
 	rm -rf $(VENV) build *.egg-info

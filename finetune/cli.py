@@ -76,6 +76,18 @@ def export_cmd(checkpoint: str, out: str, layout: str) -> None:
                f"image_size={info['img_size']}) and .load_state_dict(torch.load({out!r}))")
 
 
+# ---------------------------------------------------------------------------------- soup, compare
+def _register_tool_commands() -> None:
+    # Defined beside their Python API so that tools/soup.py and tools/compare.py share them.
+    from .compare import compare_command
+    from .soup import soup_command
+    cli.add_command(soup_command, "soup")
+    cli.add_command(compare_command, "compare")
+
+
+_register_tool_commands()
+
+
 # ------------------------------------------------------------------------------------- training
 @cli.command("train")
 @click.argument("recipe", required=False)
@@ -141,18 +153,20 @@ def predict_cmd(checkpoint: str, images: Sequence[str], top_k: int, as_json: boo
 @cli.command("demo")
 @click.option("--out", default=None, help="Run directory (default runs/demo-<timestamp>).")
 @click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE", help="Override a recipe field.")
-def demo_cmd(out: Optional[str], overrides: Sequence[str]) -> None:
-    """Offline demo: a small ViT from scratch on scikit-learn's digits (no download at all)."""
-    from .engine import train_recipe
-    result = train_recipe("demo", overrides, out_dir=out)
-    _print_result(result)
+@click.option("--no-progress", is_flag=True, help="No progress bars (logs only).")
+def demo_cmd(out: Optional[str], overrides: Sequence[str], no_progress: bool) -> None:
+    """Offline demo: train a small ViT on scikit-learn's digits, soup the best 3, compare."""
+    from .demo import run_demo
+    result = run_demo(out, overrides, progress=not no_progress)
+    click.echo("\n" + result.table + "\n")
+    _print_result(result.run)
 
 
 # ------------------------------------------------------------------------------------ entry point
-def main(argv: Optional[Sequence[str]] = None) -> None:
-    """Console entry point: user errors become one line on stderr and exit status 2."""
+def run_click(command: click.Command, argv: Optional[Sequence[str]], prog_name: str) -> None:
+    """Run a click command so that user errors are one `error: ...` line and exit status 2."""
     try:
-        cli.main(args=list(argv) if argv is not None else None, prog_name="finetune", standalone_mode=False)
+        command.main(args=list(argv) if argv is not None else None, prog_name=prog_name, standalone_mode=False)
     except FinetuneError as e:
         click.echo(f"error: {e}", err=True)
         sys.exit(2)
@@ -171,3 +185,8 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
         click.echo(f"error: internal error: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''} "
                    "(set FINETUNE_DEBUG=1 for the traceback, and please report it)", err=True)
         sys.exit(1)
+
+
+def main(argv: Optional[Sequence[str]] = None) -> None:
+    """Console entry point `finetune`."""
+    run_click(cli, argv, "finetune")

@@ -27,7 +27,7 @@ import yaml
 
 from .checkpoints import atomic_write, read_meta, tensor_shapes
 from .errors import FinetuneError
-from .soup import SPLITS, run_click
+from .soup import SPLITS
 
 FORMATS = ("markdown", "csv", "json")
 ROW_KEYS = ("name", "kind", "model", "recipe", "dataset", "img_size", "epochs", "best_val_top1", "best_epoch",
@@ -416,4 +416,5 @@ def compare_command(inputs, runs_dir, fmt, sort, do_eval, split) -> None:
 
 def run_cli(argv: Optional[Sequence[str]] = None) -> None:
     """`python tools/compare.py ...`: the compare command with the CLI's error handling."""
+    from .cli import run_click
     run_click(compare_command, argv, "compare")

@@ -8,7 +8,8 @@ import torch
 
 from . import data as data_lib
 from .checkpoints import read_meta
-from .engine import _record_result, evaluate, split_loader
+from .compare import store_result
+from .engine import evaluate, split_loader
 from .errors import FinetuneError
 from .loading import data_config_of, load_model
 from .recipes import Recipe, load_recipe, recipe_from_dict
@@ -33,10 +34,18 @@ def evaluate_on_split(checkpoint: str, recipe: Optional[str] = None, overrides: 
     loader = split_loader(chosen, model, split, batch_size)
     report = evaluate(model, loader, precision="fp32")
     report.update(checkpoint=str(checkpoint), split=split, class_names=model.finetune_info["class_names"])
-    run_dir = Path(checkpoint).parent
-    if (run_dir / "recipe.yaml").is_file():
-        _record_result(run_dir, split, {**report, "checkpoint": Path(checkpoint).name})
+    if (Path(checkpoint).parent / "recipe.yaml").is_file():  # a run directory: keep the score with it
+        store_result(Path(checkpoint), split, report, as_run=_is_runs_best(Path(checkpoint)))
     return report
+
+
+def _is_runs_best(checkpoint: Path) -> bool:
+    import json
+    index = checkpoint.parent / "best.json"
+    try:
+        return json.loads(index.read_text())["checkpoints"][0]["path"] == checkpoint.name
+    except (OSError, ValueError, KeyError, IndexError):
+        return False
 
 
 def format_report(report: Dict[str, Any]) -> str:

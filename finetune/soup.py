@@ -459,30 +459,7 @@ def _fraction(value: Optional[float]) -> str:
     return "-" if value is None else f"{value:.4f}"
 
 
-def run_click(command: click.Command, argv: Optional[Sequence[str]], prog_name: str) -> None:
-    """Run a click command as `finetune.cli.main` runs the group: user errors are one line, exit 2."""
-    try:
-        command.main(args=list(argv) if argv is not None else None, prog_name=prog_name, standalone_mode=False)
-    except FinetuneError as e:
-        click.echo(f"error: {e}", err=True)
-        sys.exit(2)
-    except click.exceptions.Abort:
-        click.echo("error: aborted", err=True)
-        sys.exit(130)
-    except click.ClickException as e:
-        e.show()
-        sys.exit(e.exit_code)
-    except KeyboardInterrupt:
-        click.echo("error: interrupted", err=True)
-        sys.exit(130)
-    except Exception as e:  # noqa: BLE001 — a bug of ours: still one line, traceback on request
-        if os.environ.get("FINETUNE_DEBUG"):
-            traceback.print_exc()
-        click.echo(f"error: internal error: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''} "
-                   "(set FINETUNE_DEBUG=1 for the traceback, and please report it)", err=True)
-        sys.exit(1)
-
-
 def run_cli(argv: Optional[Sequence[str]] = None) -> None:
     """`python tools/soup.py ...`: the soup command with the CLI's error handling."""
+    from .cli import run_click
     run_click(soup_command, argv, "soup")

@@ -219,3 +219,29 @@ def test_hymenoptera_deit_tiny_reaches_93_percent_in_5_epochs(tmp_path):
     epochs = metrics_of(tmp_path / "run")
     assert len(epochs) <= 5
     assert result.best_val_top1 >= 0.93, [round(m["val_top1"], 4) for m in epochs]
+
+
+def test_grad_accumulation_equals_the_larger_batch(tmp_path):
+    common = FAST_DEMO + ["epochs=1", "data.augment=none", "optimizer.name=sgd", "optimizer.lr=0.1",
+                          "optimizer.momentum=0.9"]
+    engine.train_recipe("demo", common + ["batch_size=32", "max_steps_per_epoch=3"], out_dir=str(tmp_path / "big"),
+                        progress=False)
+    engine.train_recipe("demo", common + ["batch_size=16", "grad_accum=2", "max_steps_per_epoch=3"],
+                        out_dir=str(tmp_path / "accum"), progress=False)
+    assert_same_weights(tmp_path / "big" / "last.safetensors", tmp_path / "accum" / "last.safetensors", 1e-5)
+
+
+def test_early_stopping_stops_when_val_stops_improving(tmp_path):
+    overrides = FAST_DEMO + ["epochs=6", "early_stop_patience=1", "optimizer.name=sgd", "optimizer.lr=1e-9"]
+    result = engine.train_recipe("demo", overrides, out_dir=str(tmp_path / "run"), progress=False)
+    assert result.status == "stopped_early" and len(metrics_of(tmp_path / "run")) == 2
+    assert json.loads((tmp_path / "run" / "status.json").read_text())["state"] == "stopped_early"
+
+
+def test_bf16_clipping_and_balanced_sampling_train(tmp_path):
+    overrides = FAST_DEMO + ["epochs=1", "precision=bf16", "clip_grad=1.0", "data.balanced=true", "grad_accum=2"]
+    result = engine.train_recipe("demo", overrides, out_dir=str(tmp_path / "run"), progress=False)
+    lines = metrics_of(tmp_path / "run")
+    assert result.status == "finished" and lines[0]["train_loss"] == lines[0]["train_loss"]  # not NaN
+    assert all(torch.isfinite(t).all() for t in weights_of(tmp_path / "run" / "last.safetensors").values()
+               if t.is_floating_point())
