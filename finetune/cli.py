@@ -8,8 +8,7 @@ import json
 import os
 import sys
 import traceback
-from pathlib import Path
-from typing import List, Optional, Sequence
+from typing import Optional, Sequence
 
 import click
 

@@ -70,19 +70,8 @@ _PPV_QKV = re.compile(r"^transformer\.blocks\.(\d+)\.attn\.proj_([qkv])\.(weight
 
 def ppv_to_timm(sd: StateDict) -> StateDict:
     """pytorch-pretrained-vit -> timm. Its pre-logits layer is dropped, as ppv itself does by default."""
-    out: StateDict = {}
-    qkv: Dict[Tuple[str, str], Dict[str, torch.Tensor]] = {}
-    for key, value in sd.items():
-        if key.startswith("pre_logits."):
-            continue
-        m = _PPV_QKV.match(key)
-        if m:
-            qkv.setdefault((m.group(1), m.group(3)), {})[m.group(2)] = value
-            continue
-        out[_rename(key, _PPV_RENAMES)] = value
-    for (block, kind), parts in qkv.items():
-        out[f"blocks.{block}.attn.qkv.{kind}"] = torch.cat([parts["q"], parts["k"], parts["v"]], dim=0)
-    return out
+    kept = {k: v for k, v in sd.items() if not k.startswith("pre_logits.")}
+    return _rename_merging_qkv(kept, _PPV_RENAMES, _PPV_QKV, ("q", "k", "v"))
 
 
 def timm_to_ppv(sd: StateDict) -> StateDict:
@@ -130,19 +119,23 @@ _HF_QKV = re.compile(r"^encoder\.layer\.(\d+)\.attention\.attention\.(query|key|
 
 def hf_to_timm(sd: StateDict) -> StateDict:
     """transformers ViTModel / ViTForImageClassification -> timm. The unused pooler is dropped."""
+    unprefixed = {k.removeprefix("vit."): v for k, v in sd.items()}
+    kept = {k: v for k, v in unprefixed.items() if not k.startswith("pooler.") and k != "embeddings.mask_token"}
+    return _rename_merging_qkv(kept, _HF_RENAMES, _HF_QKV, ("query", "key", "value"))
+
+
+def _rename_merging_qkv(sd: StateDict, renames, qkv_pattern: re.Pattern, order: Tuple[str, str, str]) -> StateDict:
+    """Rename keys by `renames`; separate q/k/v projections (block, part, weight|bias) become timm's qkv."""
     out: StateDict = {}
-    qkv: Dict[Tuple[str, str], Dict[str, torch.Tensor]] = {}
+    parts: Dict[Tuple[str, str], Dict[str, torch.Tensor]] = {}
     for key, value in sd.items():
-        key = key[len("vit."):] if key.startswith("vit.") else key
-        if key.startswith("pooler.") or key == "embeddings.mask_token":
-            continue
-        m = _HF_QKV.match(key)
+        m = qkv_pattern.match(key)
         if m:
-            qkv.setdefault((m.group(1), m.group(3)), {})[m.group(2)] = value
-            continue
-        out[_rename(key, _HF_RENAMES)] = value
-    for (block, kind), parts in qkv.items():
-        out[f"blocks.{block}.attn.qkv.{kind}"] = torch.cat([parts["query"], parts["key"], parts["value"]], 0)
+            parts.setdefault((m.group(1), m.group(3)), {})[m.group(2)] = value
+        else:
+            out[_rename(key, renames)] = value
+    for (block, kind), by_name in parts.items():
+        out[f"blocks.{block}.attn.qkv.{kind}"] = torch.cat([by_name[name] for name in order], dim=0)
     return out
 
 

@@ -102,10 +102,12 @@ def train(recipe: Recipe, out_dir: Optional[str] = None, resume: Optional[str] =
             train_stats = train_one_epoch(train_model, train_loader, optimizer, scaler, recipe=recipe,
                                           epoch=epoch, device=device, progress=progress and rank == 0)
         except FinetuneError as diverged:
-            if rank == 0:
-                log.status("failed", epoch=epoch - 1, reason=str(diverged))
+            log.status("failed", epoch=epoch - 1, reason=str(diverged))
             raise FinetuneError(f"{diverged}; the last good checkpoint is {run_dir / 'last.safetensors'} "
                                 f"(epoch {epoch - 1}); lower optimizer.lr or set clip_grad") from None
+        except KeyboardInterrupt:
+            log.status("interrupted", epoch=epoch - 1, resume=f"finetune train --resume {run_dir}")
+            raise
         scheduler.step()
         val = evaluate(model, val_loader, device=device, precision=recipe.precision)
         metrics = {"epoch": epoch, "train_loss": train_stats["loss"], "val_loss": val["loss"],
@@ -474,7 +476,7 @@ def _agree_on_run_dir(out_dir: Optional[str], name: str, rank: int) -> Path:
     if dist.is_initialized():
         dist.broadcast_object_list(chosen, src=0)
     path = Path(chosen[0])
-    if rank == 0 and (path / "last.safetensors").exists():
+    if (path / "last.safetensors").exists():  # every process checks, so all stop together
         raise FinetuneError(f"{path}: already holds a run; use --resume {path} to continue it or another --out")
     return path
 

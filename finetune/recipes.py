@@ -95,7 +95,7 @@ _NOT_KEYS = {"source"}
 DEMO_RECIPE: Dict[str, Any] = {
     "model": "scratch:patch_size=4,embed_dim=64,depth=4,num_heads=4,mlp_ratio=2",
     "img_size": 16,
-    "epochs": 40,
+    "epochs": 60,
     "batch_size": 64,
     "keep_best": 3,
     "label_smoothing": 0.1,

@@ -26,8 +26,6 @@ import hashlib
 import json
 import math
 import os
-import sys
-import traceback
 from pathlib import Path
 from typing import Any, Callable, Dict, Iterable, List, Optional, Sequence, Tuple
 

@@ -11,11 +11,9 @@ import pytest
 import torch
 from PIL import Image
 
-import finetune
 from finetune import engine
 from finetune.checkpoints import read_checkpoint, read_meta
 from finetune.cli import main
-from finetune.errors import FinetuneError
 from finetune.recipes import load_recipe
 
 from conftest import DEIT_WEIGHTS, HYMENOPTERA, REPO, require_shared
@@ -75,6 +73,7 @@ def test_resume_after_interruption_continues_from_saved_epoch(tmp_path, monkeypa
     with pytest.raises(KeyboardInterrupt):
         engine.train_recipe("demo", overrides, out_dir=str(tmp_path / "resumed"), progress=False)
     assert read_meta(tmp_path / "resumed" / "last.safetensors")["epoch"] == 2
+    assert json.loads((tmp_path / "resumed" / "status.json").read_text())["state"] == "interrupted"
     monkeypatch.setattr(engine, "train_one_epoch", real_train_one_epoch)
 
     result = engine.resume_run(str(tmp_path / "resumed"), progress=False)

@@ -1,14 +1,11 @@
 """Loading from every hub gives the same logits as that hub's own code (issue: foundation, items 1-5)."""
 from __future__ import annotations
 
-import json
-import os
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
-from PIL import Image
 from timm.layers import resample_abs_pos_embed
 
 import finetune
