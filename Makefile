@@ -20,7 +20,7 @@ $(VENV)/.installed: setup.cfg pyproject.toml
 
 # The default suite (CI): everything but the benchmarks; real-data tests skip when ../shared is absent.
 test: install
-	$(PY) -m pytest -q $(PYTEST_ARGS) tests
+	$(PY) -m pytest -q --durations=8 $(PYTEST_ARGS) tests
 
 demo: install
 	$(VENV)/bin/finetune demo

@@ -132,6 +132,7 @@ class _Payload:
         return (os.system, (f"touch {self.marker}",))
 
 
+@pytest.mark.filterwarnings("ignore:Detected pickle protocol")
 def test_cli_pickle_with_code_is_refused_and_never_runs(tmp_path, capsys):
     marker = tmp_path / "pwned"
     evil = tmp_path / "evil.pth"
