@@ -153,7 +153,9 @@ def train_one_epoch(model, loader, optimizer, scaler, *, recipe: Recipe, epoch: 
     autocast = _autocast(device, recipe.precision)
     accum, steps, micro = recipe.grad_accum, 0, 0
     loss_sum, images, start = torch.zeros((), device=device), 0, time.perf_counter()
-    bar = tqdm(loader, desc=f"epoch {epoch}/{recipe.epochs}", disable=not progress, leave=False, unit="batch")
+    # disable=None: a bar on a terminal only, so logs and CI output stay clean.
+    bar = tqdm(loader, desc=f"epoch {epoch}/{recipe.epochs}", disable=None if progress else True, leave=False,
+               unit="batch")
     optimizer.zero_grad(set_to_none=True)
     for batch_images, labels in bar:
         if labels.numel() == 0:  # every image of this batch was unreadable (skipped with a warning)
