@@ -29,7 +29,7 @@ finetune: install
 	$(VENV)/bin/finetune train $(RECIPE) $(foreach s,$(SET),--set $(s)) $(if $(OUT),--out $(OUT))
 
 bench: install
-	$(PY) -m benchmarks.bench_soup_memory
+	$(PY) -m benchmarks.run
 
 clean:
 	rm -rf $(VENV) build *.egg-info

@@ -68,10 +68,10 @@ def peak_rss(name: str, args: list) -> tuple:
     return int(done.stdout.strip().splitlines()[-1]), time.perf_counter() - start
 
 
-def main() -> None:
+def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--dir", default=None, help="Where to write the ~1.4 GB of checkpoints (default: temp)")
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
     with tempfile.TemporaryDirectory(dir=args.dir) as tmp:
         folder = Path(tmp)
         paths = write_ingredients(folder)
@@ -87,8 +87,8 @@ def main() -> None:
         print(f"{name:10} {peak * mb:9.0f} {(peak - baseline) * mb:10.0f} {ratios[name]:19.2f} {seconds:7.1f}")
     verdict = "ok" if ratios["streaming"] <= LIMIT else "FAIL"
     print(f"streaming ratio {ratios['streaming']:.2f} (limit {LIMIT}): {verdict}")
-    sys.exit(0 if verdict == "ok" else 1)
+    return 0 if verdict == "ok" else 1
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

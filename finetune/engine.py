@@ -61,7 +61,7 @@ def train(recipe: Recipe, out_dir: Optional[str] = None, resume: Optional[str] =
     rank, world_size, device = setup_distributed()
     seed_everything(recipe.seed + rank)
     recipe = _with_absolute_paths(recipe)
-    run_dir = Path(resume) if resume else _agree_on_run_dir(out_dir, recipe.name, rank)
+    run_dir = _check_resumable(Path(resume)) if resume else _agree_on_run_dir(out_dir, recipe.name, rank)
 
     pretrained = None if resume else load_pretrained(recipe.model)
     data_config = read_meta(run_dir / "last.safetensors")["data_config"] if resume else pretrained.data_config
@@ -340,11 +340,15 @@ def _save_training_state(run_dir: Path, optimizer, scheduler, scaler, state: Dic
     atomic_write(run_dir / STATE_FILE, lambda tmp: torch.save(payload, tmp))
 
 
-def _restore_training_state(run_dir: Path, optimizer, scheduler, scaler) -> Dict[str, Any]:
-    path = run_dir / STATE_FILE
-    if not (run_dir / "last.safetensors").is_file() or not path.is_file():
+def _check_resumable(run_dir: Path) -> Path:
+    if not (run_dir / "last.safetensors").is_file() or not (run_dir / STATE_FILE).is_file():
         raise FinetuneError(f"{run_dir}: nothing to resume (needs last.safetensors and {STATE_FILE} from a "
                             "finished epoch)")
+    return run_dir
+
+
+def _restore_training_state(run_dir: Path, optimizer, scheduler, scaler) -> Dict[str, Any]:
+    path = run_dir / STATE_FILE
     try:
         payload = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # noqa: BLE001
@@ -352,7 +356,8 @@ def _restore_training_state(run_dir: Path, optimizer, scheduler, scaler) -> Dict
     epoch_of_weights = read_meta(run_dir / "last.safetensors").get("epoch")
     if epoch_of_weights != payload["epoch"]:
         raise FinetuneError(f"{run_dir}: last.safetensors is epoch {epoch_of_weights} but {STATE_FILE} is epoch "
-                            f"{payload['epoch']}; the run was interrupted mid-save, resume is unsafe")
+                            f"{payload['epoch']}; the run was interrupted between the two saves, so the optimizer state does not "
+                            f"match the weights: start a new run from them with --set model={run_dir / 'last.safetensors'}")
     optimizer.load_state_dict(payload["optimizer"])
     scheduler.load_state_dict(payload["scheduler"])
     scaler.load_state_dict(payload["scaler"])

@@ -244,3 +244,13 @@ def test_bf16_clipping_and_balanced_sampling_train(tmp_path):
     assert result.status == "finished" and lines[0]["train_loss"] == lines[0]["train_loss"]  # not NaN
     assert all(torch.isfinite(t).all() for t in weights_of(tmp_path / "run" / "last.safetensors").values()
                if t.is_floating_point())
+
+
+def test_resume_of_a_folder_that_is_no_run_is_a_one_line_error(tmp_path, capsys):
+    (tmp_path / "empty").mkdir()
+    (tmp_path / "empty" / "recipe.yaml").write_text("model: B_16\n")
+    for folder in (tmp_path / "missing", tmp_path / "empty"):
+        with pytest.raises(SystemExit) as exit_info:
+            main(["train", "--resume", str(folder)])
+        err = capsys.readouterr().err
+        assert exit_info.value.code == 2 and err.count("\n") == 1 and str(folder) in err, err
