@@ -293,6 +293,8 @@ def store_result(checkpoint: Path, split: str, result: Dict[str, Any], as_run: b
     if problems:  # never overwrite scores we could not read
         raise FinetuneError(f"{results_path}: not a readable JSON object; fix or delete it before --eval")
     entry = {k: result.get(k) for k in ("top1", "top5", "loss")}
+    if "n" in result:
+        entry["n"] = result["n"]
     if as_run:
         results[split] = {**entry, "checkpoint": checkpoint.name}
     else:

@@ -36,6 +36,7 @@ from tqdm.auto import tqdm
 
 from . import data as data_lib
 from .checkpoints import atomic_write, read_meta, save_checkpoint
+from .compare import store_result
 from .errors import FinetuneError
 from .loading import data_config_of, load_model, load_pretrained, model_from_pretrained
 from .recipes import Recipe, load_recipe, recipe_to_dict, resolve_path, save_recipe
@@ -135,7 +136,7 @@ def train(recipe: Recipe, out_dir: Optional[str] = None, resume: Optional[str] =
         _barrier()  # rank 0 has written the best checkpoint
         test = evaluate_checkpoint(run_dir / best["path"], splits.test, recipe, device, distributed=distributed)
         if rank == 0:
-            _record_result(run_dir, "test", {**test, "checkpoint": best["path"]})
+            store_result(run_dir / best["path"], "test", test, as_run=True)
     if rank == 0:
         log.status(status, epoch=state["epoch"], best_epoch=best and best["epoch"],
                    best_val_top1=best and best["val_top1"])
@@ -430,13 +431,6 @@ def _epoch_of(line: str) -> int:
         return int(json.loads(line)["epoch"])
     except (ValueError, KeyError, TypeError):
         return 10**9  # a damaged line is dropped
-
-
-def _record_result(run_dir: Path, split: str, result: Dict[str, Any]) -> None:
-    path = run_dir / "results.json"
-    results = json.loads(path.read_text()) if path.is_file() else {}
-    results[split] = {k: result[k] for k in ("top1", "top5", "loss", "n", "checkpoint") if k in result}
-    atomic_write(path, lambda tmp: Path(tmp).write_text(json.dumps(results, indent=2)))
 
 
 # ====================================================================================== processes

@@ -185,7 +185,7 @@ def test_eval_scores_only_what_has_no_score_and_stores_it(runs):
     assert {"name": "tiny-20240102-090000", "skipped": "no checkpoint to evaluate"} in done
     results = json.loads((runs / "tiny-20240101-120000" / "results.json").read_text())
     assert results["test"]["top1"] == 0.91  # the run's own score is kept
-    assert results["checkpoints"]["soup.safetensors"]["test"] == {"top1": 0.875, "top5": None, "loss": 0.4}
+    assert results["checkpoints"]["soup.safetensors"]["test"] == {"top1": 0.875, "top5": None, "loss": 0.4, "n": 8}
     assert collect_rows(runs_dir=runs)[1]["test_top1"] == 0.875
     assert evaluate_missing(collect_rows(runs_dir=runs), "test", evaluator) == [
         {"name": "tiny-20240102-090000", "skipped": "no checkpoint to evaluate"}]
