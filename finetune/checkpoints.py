@@ -22,7 +22,7 @@ import os
 import pickle
 import tempfile
 from pathlib import Path
-from typing import Any, Callable, Dict, Iterator, Optional, Tuple
+from typing import Any, Callable, Dict, Optional, Tuple
 
 import torch
 from safetensors import SafetensorError, safe_open
@@ -126,17 +126,6 @@ def read_checkpoint(path: str | os.PathLike) -> Tuple[StateDict, Dict[str, Any]]
             raise FinetuneError(f"{path}: cannot read tensors ({_first_line(e)}); the file is truncated "
                                 "or corrupt, re-save or re-download it") from e
     return tensors, meta
-
-
-def iter_tensors(path: str | os.PathLike) -> Iterator[Tuple[str, torch.Tensor]]:
-    """Yield (name, tensor) one at a time, so a caller can hold a single tensor in memory."""
-    with _open_safetensors(path) as f:
-        for k in f.keys():
-            try:
-                yield k, f.get_tensor(k)
-            except (SafetensorError, OSError, RuntimeError) as e:
-                raise FinetuneError(f"{path}: cannot read tensor {k!r} ({_first_line(e)}); the file is "
-                                    "truncated or corrupt") from e
 
 
 def tensor_shapes(path: str | os.PathLike) -> Dict[str, Tuple[Tuple[int, ...], str]]:

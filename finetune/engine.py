@@ -64,12 +64,12 @@ def train(recipe: Recipe, out_dir: Optional[str] = None, resume: Optional[str] =
     recipe = _with_absolute_paths(recipe)
     run_dir = _check_resumable(Path(resume)) if resume else _agree_on_run_dir(out_dir, recipe.name, rank)
 
+    resumed = load_model(str(run_dir / "last.safetensors")) if resume else None
     pretrained = None if resume else load_pretrained(recipe.model)
-    data_config = read_meta(run_dir / "last.safetensors")["data_config"] if resume else pretrained.data_config
-    img_size = recipe.img_size or (pretrained.img_size if pretrained else read_meta(run_dir / "last.safetensors")["img_size"])
-    splits = build_splits(recipe, img_size, data_config)
-    model = (load_model(str(run_dir / "last.safetensors")) if resume else
-             model_from_pretrained(pretrained, len(splits.class_names), img_size, splits.class_names))
+    native = resumed.finetune_info if resumed else {"data_config": pretrained.data_config, "img_size": pretrained.img_size}
+    img_size = recipe.img_size or native["img_size"]
+    splits = build_splits(recipe, img_size, native["data_config"])
+    model = resumed or model_from_pretrained(pretrained, len(splits.class_names), img_size, splits.class_names)
     if recipe.grad_checkpointing:
         model.set_grad_checkpointing(True)
     model.to(device)

@@ -13,6 +13,7 @@ from .engine import evaluate, split_loader
 from .errors import FinetuneError
 from .loading import data_config_of, load_model
 from .recipes import Recipe, load_recipe, recipe_from_dict
+from .soup import best_checkpoints
 
 
 def recipe_for(checkpoint: str, recipe: Optional[str] = None, overrides: Sequence[str] = ()) -> Recipe:
@@ -40,11 +41,9 @@ def evaluate_on_split(checkpoint: str, recipe: Optional[str] = None, overrides: 
 
 
 def _is_runs_best(checkpoint: Path) -> bool:
-    import json
-    index = checkpoint.parent / "best.json"
     try:
-        return json.loads(index.read_text())["checkpoints"][0]["path"] == checkpoint.name
-    except (OSError, ValueError, KeyError, IndexError):
+        return best_checkpoints(checkpoint.parent)[0].name == checkpoint.name
+    except FinetuneError:  # no (readable) best.json: not a finished run's best
         return False
 
 

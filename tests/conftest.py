@@ -54,3 +54,12 @@ def place_in_hf_cache(hf_home: Path, repo_id: str, files: dict) -> Path:
         else:
             target.write_bytes(source if isinstance(source, bytes) else str(source).encode())
     return snapshot
+
+
+def run_entry(entry, args, capsys):
+    """Run a CLI entry point (finetune.cli.main, soup.run_cli, ...) in-process: (exit code, stdout, stderr)."""
+    with pytest.raises(SystemExit) as exit_info:
+        entry([str(a) for a in args])
+        raise SystemExit(0)
+    captured = capsys.readouterr()
+    return exit_info.value.code, captured.out, captured.err

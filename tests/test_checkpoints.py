@@ -13,6 +13,8 @@ from finetune import checkpoints
 from finetune.cli import main
 from finetune.errors import FinetuneError
 
+from conftest import run_entry
+
 
 def small_model(num_classes=3, img_size=32):
     model = finetune.load_model("scratch:patch_size=8,embed_dim=64,depth=2,num_heads=4",
@@ -25,11 +27,7 @@ def small_model(num_classes=3, img_size=32):
 
 
 def run_cli(args, capsys):
-    with pytest.raises(SystemExit) as exit_info:
-        main([str(a) for a in args])
-        raise SystemExit(0)
-    captured = capsys.readouterr()
-    return exit_info.value.code, captured.out, captured.err
+    return run_entry(main, args, capsys)
 
 
 def test_round_trip_keeps_weights_and_metadata(tmp_path):

@@ -12,6 +12,8 @@ import finetune
 from finetune import compare
 from finetune.compare import collect_rows, evaluate_missing, format_table
 from finetune.errors import FinetuneError
+
+from conftest import run_entry
 from finetune.soup import make_soup
 
 RECIPE_YAML = """\
@@ -79,11 +81,7 @@ def runs(tmp_path):
 
 
 def run_cli(args, capsys):
-    with pytest.raises(SystemExit) as exit_info:
-        compare.run_cli([str(a) for a in args])
-        raise SystemExit(0)
-    captured = capsys.readouterr()
-    return exit_info.value.code, captured.out, captured.err
+    return run_entry(compare.run_cli, args, capsys)
 
 
 # -------------------------------------------------------------------------------------------- rows

@@ -16,7 +16,7 @@ from finetune.checkpoints import model_meta, read_checkpoint, write_checkpoint
 from finetune.errors import FinetuneError
 from finetune.soup import greedy_soup, make_soup, resolve_ingredients, uniform_soup, validate_ingredients
 
-from conftest import DEIT_WEIGHTS, HYMENOPTERA, require_shared
+from conftest import DEIT_WEIGHTS, HYMENOPTERA, require_shared, run_entry
 
 SCRATCH = "scratch:patch_size=8,embed_dim=64,depth={depth},num_heads=4"
 
@@ -60,11 +60,7 @@ def make_run(folder, order=(3, 1, 2)):
 
 
 def run_cli(args, capsys):
-    with pytest.raises(SystemExit) as exit_info:
-        soup.run_cli([str(a) for a in args])
-        raise SystemExit(0)
-    captured = capsys.readouterr()
-    return exit_info.value.code, captured.out, captured.err
+    return run_entry(soup.run_cli, args, capsys)
 
 
 # ------------------------------------------------------------------------------------------ uniform
