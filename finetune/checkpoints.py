@@ -61,6 +61,16 @@ def atomic_write(path: str | os.PathLike, write: Callable[[str], None]) -> Path:
     return path
 
 
+def refuse_to_overwrite(path: str | os.PathLike, force: bool) -> Path:
+    """`path`, unless a file is already there and `force` is off (outputs are never clobbered)."""
+    path = Path(path)
+    if path.is_dir():
+        raise FinetuneError(f"{path}: is a folder; give a file name for the output")
+    if path.exists() and not force:
+        raise FinetuneError(f"{path}: already exists; pass --force to replace it, or choose another output")
+    return path
+
+
 def _fsync_dir(directory: Path) -> None:
     # Makes the rename itself durable; not every filesystem allows opening a directory.
     with contextlib.suppress(OSError):
@@ -156,9 +166,52 @@ def _parse_meta(path, header: Optional[Dict[str, str]]) -> Dict[str, Any]:
     if not header or META_KEY not in header:
         return {}
     try:
-        return json.loads(header[META_KEY])
+        meta = json.loads(header[META_KEY])
     except json.JSONDecodeError as e:
         raise FinetuneError(f"{path}: checkpoint metadata is not valid JSON ({e})") from e
+    if not isinstance(meta, dict):
+        raise FinetuneError(f"{path}: checkpoint metadata is a JSON {type(meta).__name__}; expected an object "
+                            "with arch, num_classes, img_size, ...")
+    if meta.get("arch") is not None:
+        _check_model_fields(path, meta)
+    return meta
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _is_number_triple(value: Any) -> bool:
+    return (isinstance(value, (list, tuple)) and len(value) in (1, 3)
+            and all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in value))
+
+
+# The fields a model is rebuilt from, and what each must be; a stranger's file is data, so every
+# one is checked before it reaches timm.
+_MODEL_FIELDS = {
+    "arch": ('an object {"timm_name": NAME} and/or {"kwargs": {...}}',
+             lambda v: isinstance(v, dict) and (isinstance(v.get("timm_name"), str) or isinstance(v.get("kwargs"), dict))
+             and isinstance(v.get("kwargs", {}), dict) and isinstance(v.get("timm_name", ""), str)),
+    "num_classes": ("an integer >= 0", lambda v: _is_int(v) and v >= 0),
+    "img_size": ("an integer >= 1", lambda v: _is_int(v) and v >= 1),
+    "class_names": ("null or a list of strings", lambda v: v is None or (isinstance(v, list)
+                                                                        and all(isinstance(n, str) for n in v))),
+    "data_config": ("an object with mean and std (3 numbers each)",
+                    lambda v: isinstance(v, dict) and _is_number_triple(v.get("mean")) and _is_number_triple(v.get("std"))
+                    and isinstance(v.get("interpolation", "bicubic"), str)
+                    and isinstance(v.get("crop_pct", 1.0), (int, float)) and not isinstance(v.get("crop_pct"), bool)),
+}
+
+
+def _check_model_fields(path, meta: Dict[str, Any]) -> None:
+    for name, (allowed, accepts) in _MODEL_FIELDS.items():
+        if not accepts(meta.get(name)):
+            raise FinetuneError(f"{path}: checkpoint metadata field {name!r} is {json.dumps(meta.get(name))[:80]}; "
+                                f"expected {allowed}")
+    names = meta.get("class_names")
+    if names is not None and len(names) != meta["num_classes"]:
+        raise FinetuneError(f"{path}: checkpoint metadata lists {len(names)} class_names for num_classes "
+                            f"{meta['num_classes']}")
 
 
 def load_torch_file(path: str | os.PathLike) -> StateDict:

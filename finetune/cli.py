@@ -14,6 +14,14 @@ import click
 
 from .errors import FinetuneError
 
+SPLITS = ("val", "test")
+FORMATS = ("markdown", "csv", "json")
+DEVICE_HELP = "Where to score: cpu, cuda, cuda:N (default: CUDA when present, else the CPU)."
+
+
+def device_option(command):
+    return click.option("--device", default=None, help=DEVICE_HELP)(command)
+
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
 def cli() -> None:
@@ -62,29 +70,19 @@ def info_cmd(ref: str, num_classes: Optional[int], img_size: Optional[int], as_j
 @click.argument("out", type=click.Path(dir_okay=False))
 @click.option("--to", "layout", type=click.Choice(["ppv"]), required=True,
               help="Target layout: ppv = pytorch-pretrained-vit's ViT state dict.")
-def export_cmd(checkpoint: str, out: str, layout: str) -> None:
+@click.option("--force", is_flag=True, help="Replace OUT if it exists.")
+def export_cmd(checkpoint: str, out: str, layout: str, force: bool) -> None:
     """Write CHECKPOINT's weights in another library's layout to OUT."""
     import torch
-    from .checkpoints import atomic_write
+    from .checkpoints import atomic_write, refuse_to_overwrite
     from .loading import export_ppv, load_model
+    refuse_to_overwrite(out, force)
     model = load_model(checkpoint)
     state = export_ppv(model)
     atomic_write(out, lambda tmp: torch.save(state, tmp))
     info = model.finetune_info
     click.echo(f"wrote {out}: load with pytorch_pretrained_vit.ViT(..., num_classes={info['num_classes']}, "
                f"image_size={info['img_size']}) and .load_state_dict(torch.load({out!r}))")
-
-
-# ---------------------------------------------------------------------------------- soup, compare
-def _register_tool_commands() -> None:
-    # Defined beside their Python API so that tools/soup.py and tools/compare.py share them.
-    from .compare import compare_command
-    from .soup import soup_command
-    cli.add_command(soup_command, "soup")
-    cli.add_command(compare_command, "compare")
-
-
-_register_tool_commands()
 
 
 # ------------------------------------------------------------------------------------- training
@@ -96,14 +94,23 @@ _register_tool_commands()
 @click.option("--resume", default=None, type=click.Path(file_okay=False),
               help="Continue the run in this directory from its last finished epoch.")
 @click.option("--no-progress", is_flag=True, help="No progress bars (logs only).")
+@click.option("--force", is_flag=True, help="Write into a non-empty --out that is not a run directory.")
 def train_cmd(recipe: Optional[str], overrides: Sequence[str], out: Optional[str], resume: Optional[str],
-              no_progress: bool) -> None:
-    """Fine-tune as RECIPE (a name in recipes/ or a .yaml path) says."""
+              no_progress: bool, force: bool) -> None:
+    """Fine-tune as RECIPE (a name in recipes/ or a .yaml path) says.
+
+    SIGINT (Ctrl-C) or SIGTERM finishes the current step, saves a resume point and exits
+    128+signal; `--resume RUN_DIR` continues exactly where it stopped. With --resume, --set may
+    change epochs, the lr, the schedule and a few other keys, from the next epoch on.
+    """
     from .engine import resume_run, train_recipe
+    if resume and recipe:
+        raise FinetuneError(f"train: give a RECIPE or --resume {resume}, not both (a resume reads the run's "
+                            "own recipe.yaml; change keys with --set)")
     if resume:
         result = resume_run(resume, overrides, progress=not no_progress)
     elif recipe:
-        result = train_recipe(recipe, overrides, out_dir=out, progress=not no_progress)
+        result = train_recipe(recipe, overrides, out_dir=out, progress=not no_progress, force=force)
     else:
         raise FinetuneError("train: give a RECIPE (e.g. pets37, demo, or a .yaml path) or --resume RUN_DIR")
     _print_result(result)
@@ -124,29 +131,86 @@ def _print_result(result) -> None:
 @click.option("--split", type=click.Choice(["val", "test", "train"]), default="val", show_default=True)
 @click.option("--batch-size", type=int, default=None)
 @click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
+@device_option
 def eval_cmd(checkpoint: str, recipe: Optional[str], overrides: Sequence[str], split: str,
-             batch_size: Optional[int], as_json: bool) -> None:
+             batch_size: Optional[int], as_json: bool, device: Optional[str]) -> None:
     """Top-1, top-5, per-class accuracy, loss and confusion matrix of CHECKPOINT on a split."""
     from .evaluation import evaluate_on_split, format_report
-    report = evaluate_on_split(checkpoint, recipe=recipe, overrides=overrides, split=split, batch_size=batch_size)
+    report = evaluate_on_split(checkpoint, recipe=recipe, overrides=overrides, split=split, batch_size=batch_size,
+                               device=device)
     click.echo(json.dumps(report, indent=2) if as_json else format_report(report))
 
 
 @cli.command("predict")
 @click.argument("checkpoint", type=click.Path(dir_okay=False))
 @click.argument("images", nargs=-1, required=True, type=click.Path(dir_okay=False))
-@click.option("--top-k", type=int, default=5, show_default=True)
+@click.option("--top-k", type=click.IntRange(min=1), default=5, show_default=True)
 @click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
-def predict_cmd(checkpoint: str, images: Sequence[str], top_k: int, as_json: bool) -> None:
+@device_option
+def predict_cmd(checkpoint: str, images: Sequence[str], top_k: int, as_json: bool, device: Optional[str]) -> None:
     """Top-k class names and probabilities for each IMAGE."""
     from .evaluation import predict
-    results = predict(checkpoint, images, top_k=top_k)
+    results = predict(checkpoint, images, top_k=top_k, device=device)
     if as_json:
         click.echo(json.dumps(results, indent=2))
         return
     for item in results:
         ranked = "  ".join(f"{p['class']} {p['probability']:.3f}" for p in item["top"])
         click.echo(f"{item['image']}: {ranked}")
+
+
+# ---------------------------------------------------------------------------------- soup, compare
+@cli.command("soup")
+@click.argument("ingredients", nargs=-1, required=True)
+@click.option("-o", "--out", default=None, help="Output .safetensors (default: soup.safetensors or "
+              "soup-greedy.safetensors beside the first ingredient).")
+@click.option("--method", type=click.Choice(("uniform", "greedy")), default="uniform", show_default=True)
+@click.option("--weights", default=None, help="Uniform only: comma-separated weights, one per ingredient.")
+@click.option("--recipe", default=None, help="Recipe whose dataset scores the soup (default: the stored one).")
+@click.option("--split", type=click.Choice(SPLITS), default="val", show_default=True,
+              help="Split to score on (greedy selects on it).")
+@click.option("--no-eval", "no_eval", is_flag=True, help="Uniform only: do not score the soup.")
+@click.option("--force", is_flag=True, help="Replace the output file if it exists.")
+@device_option
+def soup_cmd(ingredients, out, method, weights, recipe, split, no_eval, force, device) -> None:
+    """Average the weights of INGREDIENTS (checkpoints or run directories) into one checkpoint."""
+    from .soup import describe_soup, make_soup
+    path = make_soup(ingredients, out=out, method=method, weights=_parse_weights(weights), recipe=recipe,
+                     split=split, evaluate=False if no_eval else None, device=device, force=force)
+    for line in describe_soup(path):
+        click.echo(line)
+
+
+def _parse_weights(text: Optional[str]):
+    if text is None:
+        return None
+    try:
+        return [float(w) for w in text.split(",")]
+    except ValueError:
+        raise FinetuneError(f"--weights: {text!r} is not a comma-separated list of numbers, e.g. 0.5,0.3,0.2") from None
+
+
+@cli.command("compare")
+@click.argument("inputs", nargs=-1)
+@click.option("--runs-dir", default="runs", show_default=True, help="Where to find runs when none are given.")
+@click.option("--format", "fmt", type=click.Choice(FORMATS), default="markdown", show_default=True)
+@click.option("--sort", default=None, help="Column to sort by: name, kind, model, recipe, dataset, img_size, "
+              "epochs, best_val_top1 (val), best_epoch, test_top1 (test), params, images_per_s, status.")
+@click.option("--eval", "do_eval", is_flag=True, help="First score checkpoints that have no score on --split.")
+@click.option("--split", type=click.Choice(SPLITS), default="test", show_default=True)
+@device_option
+def compare_cmd(inputs, runs_dir, fmt, sort, do_eval, split, device) -> None:
+    """Table of runs (RUN_DIR) and checkpoints or soups (CKPT), default every run under --runs-dir."""
+    from .compare import collect_rows, evaluate_missing, format_table, sort_key_of
+    from .evaluation import fraction
+    sort_key_of(sort)  # a typo fails before any evaluation runs
+    rows = collect_rows(inputs, runs_dir)
+    if do_eval:
+        for done in evaluate_missing(rows, split, device=device):
+            message = done.get("skipped") or f"{done['split']} top-1 {fraction(done['top1'])}"
+            click.echo(f"{done['name']}: {message}", err=True)  # stdout stays a clean table/CSV/JSON
+        rows = collect_rows(inputs, runs_dir)
+    click.echo(format_table(rows, fmt, sort))
 
 
 @cli.command("demo")
@@ -168,13 +232,13 @@ def run_click(command: click.Command, argv: Optional[Sequence[str]], prog_name: 
         command.main(args=list(argv) if argv is not None else None, prog_name=prog_name, standalone_mode=False)
     except FinetuneError as e:
         click.echo(f"error: {e}", err=True)
-        sys.exit(2)
+        sys.exit(getattr(e, "exit_code", 2))
     except click.exceptions.Abort:
         click.echo("error: aborted", err=True)
         sys.exit(130)
-    except click.ClickException as e:
-        e.show()
-        sys.exit(e.exit_code)
+    except click.ClickException as e:  # usage errors too: one line, like every other user error
+        click.echo(f"error: {' '.join(e.format_message().split())} (see {prog_name} --help)", err=True)
+        sys.exit(2)
     except KeyboardInterrupt:
         click.echo("error: interrupted", err=True)
         sys.exit(130)
@@ -189,3 +253,13 @@ def run_click(command: click.Command, argv: Optional[Sequence[str]], prog_name: 
 def main(argv: Optional[Sequence[str]] = None) -> None:
     """Console entry point `finetune`."""
     run_click(cli, argv, "finetune")
+
+
+def soup_main(argv: Optional[Sequence[str]] = None) -> None:
+    """`python tools/soup.py ...`: `finetune soup` from a checkout."""
+    run_click(soup_cmd, argv, "soup")
+
+
+def compare_main(argv: Optional[Sequence[str]] = None) -> None:
+    """`python tools/compare.py ...`: `finetune compare` from a checkout."""
+    run_click(compare_cmd, argv, "compare")

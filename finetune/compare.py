@@ -22,12 +22,11 @@ import os
 from pathlib import Path
 from typing import Any, Callable, Dict, Iterable, List, Optional, Sequence, Tuple
 
-import click
-import yaml
-
-from .checkpoints import atomic_write, read_meta, tensor_shapes
+from . import rundir
+from .checkpoints import read_meta, tensor_shapes
 from .errors import FinetuneError
-from .soup import SPLITS
+from .evaluation import evaluate_on_split, fraction
+from .rundir import SPLITS
 
 FORMATS = ("markdown", "csv", "json")
 ROW_KEYS = ("name", "kind", "model", "recipe", "dataset", "img_size", "epochs", "best_val_top1", "best_epoch",
@@ -49,7 +48,7 @@ Evaluator = Callable[[Path, str], Dict[str, Any]]
 def collect_rows(inputs: Optional[Iterable[str | os.PathLike]] = None, runs_dir: str | os.PathLike = "runs"
                  ) -> List[Dict[str, Any]]:
     """One row per run directory and per checkpoint (soups of a run directory included)."""
-    inputs = list(inputs or []) or _run_dirs(Path(runs_dir))
+    inputs = list(inputs or []) or rundir.run_dirs(Path(runs_dir))
     rows = []
     for item in inputs:
         path = Path(item)
@@ -63,13 +62,6 @@ def collect_rows(inputs: Optional[Iterable[str | os.PathLike]] = None, runs_dir:
     return rows
 
 
-def _run_dirs(runs_dir: Path) -> List[Path]:
-    if not runs_dir.is_dir():
-        raise FinetuneError(f"{runs_dir}: no such runs directory; pass run directories or checkpoints, "
-                            "or --runs-dir DIR")
-    return sorted(p for p in runs_dir.iterdir() if p.is_dir() and not p.name.startswith("."))
-
-
 def _empty_row(name: str, kind: str, path: Path) -> Dict[str, Any]:
     row: Dict[str, Any] = dict.fromkeys(ROW_KEYS)
     row.update(name=name, kind=kind, path=str(path), notes=[])
@@ -80,12 +72,12 @@ def run_row(run_dir: Path) -> Dict[str, Any]:
     """A run directory's row; missing or damaged files become notes, never errors."""
     row = _empty_row(run_dir.name, "run", run_dir)
     notes: List[str] = row["notes"]
-    recipe = _read_document(run_dir / "recipe.yaml", notes, yaml.safe_load)
-    records = _read_metrics(run_dir / "metrics.jsonl", notes)
-    best = _read_document(run_dir / "best.json", notes, json.loads)
-    results = _read_document(run_dir / "results.json", [], json.loads)
-    status = _read_document(run_dir / "status.json", [], json.loads)
-    checkpoint = _run_checkpoint(run_dir, best)
+    recipe = rundir.read_recipe(run_dir, notes)
+    records = rundir.read_metrics(run_dir, notes)
+    best = rundir.best_entries(run_dir, notes)
+    results = rundir.read_results(run_dir)
+    status = rundir.read_status(run_dir)
+    checkpoint = rundir.main_checkpoint(run_dir)
     meta = _safe_meta(checkpoint, notes) if checkpoint else {}
     recipe = recipe or meta.get("recipe") or {}
     row.update(_recipe_fields(recipe), checkpoint=str(checkpoint) if checkpoint else None,
@@ -110,9 +102,9 @@ def checkpoint_row(path: Path) -> Dict[str, Any]:
         row.update(status="unreadable", notes=[str(e)])
         return row
     # A checkpoint saved without its recipe still sits beside the run's recipe.yaml.
-    recipe = meta.get("recipe") or _read_document(path.parent / "recipe.yaml", [], yaml.safe_load)
+    recipe = meta.get("recipe") or rundir.read_recipe(path.parent)
     metrics = meta.get("metrics") or {}
-    stored = _stored_results(path)
+    stored = rundir.stored_results(path)
     row.update(_recipe_fields(recipe), img_size=meta.get("img_size"), best_epoch=meta.get("epoch"),
                best_val_top1=metrics.get("val_top1", _top1(stored.get("val"))),
                test_top1=metrics.get("test_top1", _top1(stored.get("test"))))
@@ -144,51 +136,6 @@ def _recipe_fields(recipe: Any) -> Dict[str, Any]:
 
 
 # ---------------------------------------------------------------------------------------- reading
-def _read_document(path: Path, notes: List[str], parse: Callable[[str], Any]) -> Dict[str, Any]:
-    """A JSON/YAML mapping, or {} with a note saying why not."""
-    if not path.is_file():
-        notes.append(f"no {path.name}")
-        return {}
-    try:
-        value = parse(path.read_text())
-    except (ValueError, yaml.YAMLError, OSError, UnicodeDecodeError):
-        notes.append(f"unreadable {path.name}")
-        return {}
-    if not isinstance(value, dict):
-        notes.append(f"unreadable {path.name}")
-        return {}
-    return value
-
-
-def _read_metrics(path: Path, notes: List[str]) -> List[Dict[str, Any]]:
-    if not path.is_file():
-        notes.append("no metrics.jsonl")
-        return []
-    records = []
-    for number, line in enumerate(path.read_text(errors="replace").splitlines(), start=1):
-        if not line.strip():
-            continue
-        try:
-            record = json.loads(line)
-        except ValueError:
-            record = None
-        if isinstance(record, dict):
-            records.append(record)
-        else:
-            notes.append(f"metrics.jsonl line {number} unreadable (truncated?)")
-    return records
-
-
-def _run_checkpoint(run_dir: Path, best: Dict[str, Any]) -> Optional[Path]:
-    """The run's best checkpoint (first in best.json), else last.safetensors, else None."""
-    entries = best.get("checkpoints") if isinstance(best.get("checkpoints"), list) else []
-    for entry in entries[:1]:
-        if isinstance(entry, dict) and (run_dir / str(entry.get("path"))).is_file():
-            return run_dir / str(entry["path"])
-    last = run_dir / "last.safetensors"
-    return last if last.is_file() else None
-
-
 def _safe_meta(path: Path, notes: List[str]) -> Dict[str, Any]:
     try:
         return read_meta(path)
@@ -208,11 +155,10 @@ def _params(path: Path) -> int:
     return sum(math.prod(shape) for shape, _ in tensor_shapes(path).values())
 
 
-def _best_val(records: List[Dict[str, Any]], best: Dict[str, Any], results: Dict[str, Any]
+def _best_val(records: List[Dict[str, Any]], entries: List[Dict[str, Any]], results: Dict[str, Any]
               ) -> Tuple[Optional[float], Optional[int]]:
     # metrics.jsonl may be cut short and best.json may rank by another metric: take the best of both.
-    entries = best.get("checkpoints") if isinstance(best.get("checkpoints"), list) else []
-    candidates = [(r.get("val_top1"), r.get("epoch")) for r in records + [e for e in entries if isinstance(e, dict)]]
+    candidates = [(r.get("val_top1"), r.get("epoch")) for r in records + entries]
     candidates = [(v, e) for v, e in candidates if isinstance(v, (int, float))]
     if candidates:
         return max(candidates, key=lambda c: c[0])
@@ -247,29 +193,19 @@ def _run_status(status: Dict[str, Any], run_dir: Path, notes: List[str]) -> str:
     return "partial" if notes else "unknown"
 
 
-def _stored_results(path: Path) -> Dict[str, Any]:
-    """Scores of a checkpoint file kept in its folder's results.json, by split."""
-    results = _read_document(path.parent / "results.json", [], json.loads)
-    by_file = (results.get("checkpoints") or {}).get(path.name)
-    scores = dict(by_file) if isinstance(by_file, dict) else {}
-    for split in SPLITS:
-        entry = results.get(split)
-        if split not in scores and isinstance(entry, dict) and entry.get("checkpoint") == path.name:
-            scores[split] = entry
-    return scores
-
-
 # ---------------------------------------------------------------------------------------- eval
 def evaluate_missing(rows: Sequence[Dict[str, Any]], split: str = "test",
-                     evaluator: Optional[Evaluator] = None) -> List[Dict[str, Any]]:
+                     evaluator: Optional[Evaluator] = None, device: Optional[str] = None) -> List[Dict[str, Any]]:
     """Score on `split` every row's checkpoint that has no score there yet; store it in results.json.
 
-    `evaluator(checkpoint_path, split)` returns {"top1", "top5", "loss"}; by default the engine
-    evaluates the checkpoint on its stored recipe's dataset. Returns what was done, row by row.
+    `evaluator(checkpoint_path, split)` returns {"top1", "top5", "loss"}; by default
+    `evaluation.evaluate_on_split` scores the checkpoint on its recipe's dataset, on `device`.
+    Returns what was done, row by row.
     """
     if split not in SPLITS:
         raise FinetuneError(f"split: unknown value {split!r}; expected one of {', '.join(SPLITS)}")
-    evaluator = evaluator or default_evaluator
+    evaluator = evaluator or (lambda checkpoint, on: evaluate_on_split(checkpoint, split=on, device=device,
+                                                                       store=False))
     score_key = "test_top1" if split == "test" else "best_val_top1"
     done = []
     for row in rows:
@@ -280,40 +216,9 @@ def evaluate_missing(rows: Sequence[Dict[str, Any]], split: str = "test",
             continue
         checkpoint = Path(row["checkpoint"])
         result = evaluator(checkpoint, split)
-        store_result(checkpoint, split, result, as_run=row["kind"] == "run")
+        rundir.store_result(checkpoint, split, result, as_run=row["kind"] == "run")
         done.append({"name": row["name"], "checkpoint": str(checkpoint), "split": split, "top1": result.get("top1")})
     return done
-
-
-def store_result(checkpoint: Path, split: str, result: Dict[str, Any], as_run: bool) -> Path:
-    """Merge a score into the checkpoint folder's results.json, atomically."""
-    results_path = checkpoint.parent / "results.json"
-    problems: List[str] = []
-    results = _read_document(results_path, problems, json.loads) if results_path.is_file() else {}
-    if problems:  # never overwrite scores we could not read
-        raise FinetuneError(f"{results_path}: not a readable JSON object; fix or delete it before --eval")
-    entry = {k: result.get(k) for k in ("top1", "top5", "loss")}
-    if "n" in result:
-        entry["n"] = result["n"]
-    if as_run:
-        results[split] = {**entry, "checkpoint": checkpoint.name}
-    else:
-        results.setdefault("checkpoints", {}).setdefault(checkpoint.name, {})[split] = entry
-    text = json.dumps(results, indent=2) + "\n"
-    return atomic_write(results_path, lambda tmp: Path(tmp).write_text(text))
-
-
-def default_evaluator(checkpoint: Path, split: str) -> Dict[str, Any]:
-    """Top-1/top-5/loss of `checkpoint` on `split` of its recipe's dataset (engine, lazily)."""
-    from .soup import resolve_recipe
-    meta = read_meta(checkpoint)
-    beside = checkpoint.parent / "recipe.yaml"
-    recipe = resolve_recipe(str(beside) if not meta.get("recipe") and beside.is_file() else None, checkpoint, meta)
-    from . import engine
-    from .loading import load_model
-    model = load_model(str(checkpoint))
-    result = engine.evaluate(model, engine.split_loader(recipe, model, split))
-    return {"top1": result["top1"], "top5": result.get("top5"), "loss": result.get("loss")}
 
 
 # ---------------------------------------------------------------------------------------- table
@@ -368,23 +273,19 @@ def _markdown(rows: Sequence[Dict[str, Any]]) -> str:
 def _cell(row: Dict[str, Any], key: str) -> str:
     value = row.get(key)
     if key == "best_val_top1" and value is not None:
-        return _fraction(value) + (f" ({row['best_epoch']})" if row.get("best_epoch") is not None else "")
+        return fraction(value) + (f" ({row['best_epoch']})" if row.get("best_epoch") is not None else "")
     if key == "notes":
         parts = [] if row["kind"] == "soup" else [row.get("status") or ""]
         return "; ".join(p for p in parts + list(row.get("notes") or []) if p) or "-"
     if value is None:
         return "-"
     if key == "test_top1":
-        return _fraction(value)
+        return fraction(value)
     if key == "params":
         return f"{value / 1e6:.2f}"
     if key == "images_per_s":
         return f"{value:.1f}"
     return str(value)
-
-
-def _fraction(value: Optional[float]) -> str:
-    return "-" if value is None else f"{value:.4f}"
 
 
 def _csv(rows: Sequence[Dict[str, Any]]) -> str:
@@ -394,29 +295,3 @@ def _csv(rows: Sequence[Dict[str, Any]]) -> str:
     for row in rows:
         writer.writerow({k: ";".join(row[k]) if isinstance(row.get(k), list) else row.get(k) for k in ROW_KEYS})
     return buffer.getvalue().rstrip("\n")
-
-
-# ------------------------------------------------------------------------------------------ cli
-@click.command("compare", context_settings={"help_option_names": ["-h", "--help"]})
-@click.argument("inputs", nargs=-1)
-@click.option("--runs-dir", default="runs", show_default=True, help="Where to find runs when none are given.")
-@click.option("--format", "fmt", type=click.Choice(FORMATS), default="markdown", show_default=True)
-@click.option("--sort", default=None, help=f"Column to sort by: {', '.join(SORT_KEYS)}.")
-@click.option("--eval", "do_eval", is_flag=True, help="First score checkpoints that have no score on --split.")
-@click.option("--split", type=click.Choice(SPLITS), default="test", show_default=True)
-def compare_command(inputs, runs_dir, fmt, sort, do_eval, split) -> None:
-    """Table of runs (RUN_DIR) and checkpoints or soups (CKPT), default every run under --runs-dir."""
-    sort_key_of(sort)  # a typo fails before any evaluation runs
-    rows = collect_rows(inputs, runs_dir)
-    if do_eval:
-        for done in evaluate_missing(rows, split):
-            message = done.get("skipped") or f"{done['split']} top-1 {_fraction(done['top1'])}"
-            click.echo(f"{done['name']}: {message}", err=True)  # stdout stays a clean table/CSV/JSON
-        rows = collect_rows(inputs, runs_dir)
-    click.echo(format_table(rows, fmt, sort))
-
-
-def run_cli(argv: Optional[Sequence[str]] = None) -> None:
-    """`python tools/compare.py ...`: the compare command with the CLI's error handling."""
-    from .cli import run_click
-    run_click(compare_command, argv, "compare")

@@ -15,11 +15,8 @@ import math
 import re
 from typing import Any, Dict, Tuple
 
-import torch
-
+from .checkpoints import StateDict
 from .errors import FinetuneError
-
-StateDict = Dict[str, torch.Tensor]
 
 # The standard ViT family (Dosovitskiy et al. 2021, Touvron et al. 2021): width -> (name, heads).
 FAMILY = {192: ("tiny", 3), 384: ("small", 6), 768: ("base", 12), 1024: ("large", 16), 1280: ("huge", 16)}

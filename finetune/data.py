@@ -18,7 +18,9 @@ The torchvision datasets are curated archives and are read without this safety n
 """
 from __future__ import annotations
 
+import contextlib
 import os
+import random
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -36,9 +38,9 @@ from torch.utils.data import Sampler
 from torch.utils.data.dataloader import default_collate
 
 from .errors import FinetuneError
+from .hubs import offline
+from .recipes import AUGMENTS, DATASETS
 
-DATASETS = ("imagefolder", "oxford_pets", "cifar10", "cifar100", "flowers102", "digits")
-AUGMENTS = ("none", "flip", "affine", "crop_flip", "randaugment")
 # torchvision's list plus .gif: real folders (hymenoptera_data) hold the odd GIF, and PIL reads it.
 IMAGE_EXTENSIONS = tuple(tvd.folder.IMG_EXTENSIONS) + (".gif",)
 DEFAULT_ROOT = "data"
@@ -316,11 +318,6 @@ _TORCHVISION_SOURCES = {
 }
 
 
-def is_offline() -> bool:
-    flags = (os.environ.get(name, "").strip().lower() for name in ("FINETUNE_OFFLINE", "HF_HUB_OFFLINE"))
-    return any(flag in ("1", "true", "yes", "on") for flag in flags)
-
-
 def _build_torchvision(name, root, transforms, val_split, seed, download) -> DataSplits:
     source = _TORCHVISION_SOURCES[name]
     root = str(root if root is not None else DEFAULT_ROOT)
@@ -347,7 +344,7 @@ def _open_torchvision(name, source: _TorchvisionSource, root: str, kwargs, trans
     place_hint = f"place the files at {os.path.join(root, source.expected_files)} (see {source.origin})"
     if download is False:
         raise FinetuneError(f"{name}: not found under {root} and download is off: {place_hint}")
-    if is_offline():
+    if offline():
         raise FinetuneError(f"{name}: not found under {root} and cannot download (offline): {place_hint}")
     try:
         return source.cls(root, transform=transform, download=True, **kwargs)
@@ -427,15 +424,14 @@ def build_loader(
     workers: int = 0,
     seed: int = 0,
     distributed: bool = False,
-    drop_last: bool = False,
 ) -> DataLoader:
-    """A DataLoader over `dataset`: seeded shuffling for training, fixed order for evaluation.
+    """A DataLoader over `dataset`: seeded shuffled batches for training, fixed order for evaluation.
 
     `batch_size` is the global batch: with `distributed` (torch.distributed initialised), each of
-    the N processes loads `batch_size // N` samples of every global batch (see `EpochSampler`).
+    the N processes loads `batch_size // N` samples of every global batch (see `EpochBatches`).
     `balanced` draws training samples with probability 1/(size of their class), with replacement,
     `len(dataset)` per epoch; it is ignored when `train` is False, because evaluation must see every
-    sample exactly once. Call `loader.sampler.set_epoch(epoch)` every epoch.
+    sample exactly once. For training call `set_epoch(loader, epoch)` every epoch.
     """
     if not isinstance(batch_size, int) or batch_size <= 0:
         raise FinetuneError(f"batch_size: {batch_size!r} is not a positive integer")
@@ -444,71 +440,123 @@ def build_loader(
     rank, world_size = _process_group() if distributed else (0, 1)
     if batch_size % world_size:
         raise FinetuneError(f"batch_size: {batch_size} is not divisible by the {world_size} processes")
-    sampler = EpochSampler(dataset, shuffle=train, balanced=balanced and train, seed=seed,
-                           global_batch=batch_size, rank=rank, world_size=world_size)
-    return DataLoader(
-        dataset,
-        batch_size=batch_size // world_size,
-        sampler=sampler,
-        num_workers=workers,
-        collate_fn=collate_skipping_unreadable,
-        pin_memory=torch.cuda.is_available(),
-        persistent_workers=workers > 0,
-        drop_last=drop_last,
-        worker_init_fn=_seed_worker,
-        generator=torch.Generator().manual_seed(seed),
-    )
+    common = dict(num_workers=workers, collate_fn=collate_skipping_unreadable, pin_memory=torch.cuda.is_available(),
+                  persistent_workers=workers > 0,
+                  # Its own generator: creating worker iterators never draws from the global RNG,
+                  # so a resumed run's dropout and drop-path draws match an uninterrupted run's.
+                  generator=torch.Generator().manual_seed(seed))
+    if not train:
+        return DataLoader(dataset, batch_size=batch_size // world_size,
+                          sampler=ShardSampler(len(dataset), rank, world_size), **common)
+    batches = EpochBatches(dataset, balanced=balanced, seed=seed, global_batch=batch_size, rank=rank,
+                           world_size=world_size)
+    return DataLoader(SeededSamples(dataset), batch_sampler=batches, **common)
 
 
-class EpochSampler(Sampler):
-    """The same global sample order on 1 or N processes, fixed by (seed, epoch).
+def set_epoch(loader: DataLoader, epoch: int, skip_batches: int = 0) -> None:
+    """Point a training loader at `epoch`'s batches, leaving out the first `skip_batches` (resume)."""
+    loader.batch_sampler.set_epoch(epoch, skip_batches)
 
-    Training order is a permutation (or, `balanced`, a class-balanced draw with replacement) seeded
-    by seed + epoch, cut into global batches; process r takes slice r of every batch. So N processes
-    with batch B/N see exactly the samples one process with batch B sees (DDP then averages the same
-    gradient), and a run resumed at epoch e sees the order an uninterrupted run would have.
-    Evaluation order is 0..n-1, dealt round-robin across processes without padding.
+
+class EpochBatches(Sampler):
+    """Training batches: the same global batches on 1 or N processes, fixed by (seed, epoch).
+
+    The order is a permutation (or, `balanced`, a class-balanced draw with replacement) seeded by
+    seed + epoch, cut into global batches; process r takes slice r of every batch. So N processes
+    with batch B/N see exactly the samples one process with batch B sees (DDP then averages the
+    same gradient), and a run resumed at epoch e, batch k sees what an uninterrupted run would have.
+
+    Every process yields the same number of batches, so their collectives line up: the last,
+    partial global batch is dealt out round-robin, and dropped when it holds fewer images than
+    there are processes (as DistributedSampler's drop_last would; at most N-1 images an epoch).
+
+    Each item is (index, sample seed): the seed is a function of (seed, epoch, position in the
+    epoch), and `SeededSamples` augments with it, so augmentation does not depend on workers,
+    processes or restarts.
     """
 
-    def __init__(self, dataset, *, shuffle: bool, balanced: bool, seed: int, global_batch: int,
-                 rank: int = 0, world_size: int = 1):
+    def __init__(self, dataset, *, balanced: bool, seed: int, global_batch: int, rank: int = 0, world_size: int = 1):
         self.n = len(dataset)
-        self.shuffle, self.seed, self.epoch = shuffle, seed, 0
+        self.seed, self.epoch, self.skip = seed, 0, 0
         self.global_batch, self.rank, self.world_size = global_batch, rank, world_size
         self.weights = _balanced_weights(dataset) if balanced else None
 
-    def set_epoch(self, epoch: int) -> None:
-        self.epoch = epoch
+    def set_epoch(self, epoch: int, skip_batches: int = 0) -> None:
+        self.epoch, self.skip = epoch, skip_batches
 
-    def _global_order(self) -> List[int]:
-        if not self.shuffle:
-            return list(range(self.n))
+    def global_order(self) -> List[int]:
         generator = torch.Generator().manual_seed(self.seed + self.epoch)
         if self.weights is not None:
             return torch.multinomial(self.weights, self.n, replacement=True, generator=generator).tolist()
         return torch.randperm(self.n, generator=generator).tolist()
 
-    def _local_order(self) -> List[int]:
-        order = self._global_order()
-        if self.world_size == 1:
-            return order
-        if not self.shuffle:
-            return order[self.rank::self.world_size]
+    def local_batches(self) -> List[List[Tuple[int, int]]]:
+        order = self.global_order()
         per_process = self.global_batch // self.world_size
-        local: List[int] = []
+        batches = []
         for start in range(0, len(order), self.global_batch):
-            batch = order[start:start + self.global_batch]
+            batch = [(index, sample_seed(self.seed, self.epoch, start + i))
+                     for i, index in enumerate(order[start:start + self.global_batch])]
             if len(batch) == self.global_batch:
-                local += batch[self.rank * per_process:(self.rank + 1) * per_process]
-            else:  # the last, partial batch: deal it out as evenly as possible
-                local += batch[self.rank::self.world_size]
-        return local
+                batches.append(batch[self.rank * per_process:(self.rank + 1) * per_process])
+            elif len(batch) >= self.world_size:
+                batches.append(batch[self.rank::self.world_size])
+        return batches[self.skip:]
 
     def __iter__(self):
-        return iter(self._local_order())
+        return iter(self.local_batches())
 
     def __len__(self) -> int:
-        return len(self._local_order())
+        full, rest = divmod(self.n, self.global_batch)
+        return max(0, full + (rest >= self.world_size if rest else 0) - self.skip)
+
+
+class ShardSampler(Sampler):
+    """Evaluation order 0..n-1, dealt round-robin across processes without padding."""
+
+    def __init__(self, n: int, rank: int = 0, world_size: int = 1):
+        self.n, self.rank, self.world_size = n, rank, world_size
+
+    def __iter__(self):
+        return iter(range(self.rank, self.n, self.world_size))
+
+    def __len__(self) -> int:
+        return len(range(self.rank, self.n, self.world_size))
+
+
+def sample_seed(seed: int, epoch: int, position: int) -> int:
+    return int(np.random.SeedSequence([seed, epoch, position]).generate_state(1)[0])
+
+
+class SeededSamples(Dataset):
+    """`dataset[index]` with torch, numpy and python's RNGs seeded by the item's sample seed, so the
+    random augmentation of a sample depends on that seed alone; the caller's RNG states are restored.
+    """
+
+    def __init__(self, dataset):
+        self.dataset = dataset
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, item: Tuple[int, int]):
+        index, seed = item
+        with _rng_seeded(seed):
+            return self.dataset[index]
+
+
+@contextlib.contextmanager
+def _rng_seeded(seed: int):
+    torch_state, numpy_state, python_state = torch.get_rng_state(), np.random.get_state(), random.getstate()
+    torch.manual_seed(seed)
+    np.random.seed(seed)
+    random.seed(seed)
+    try:
+        yield
+    finally:
+        torch.set_rng_state(torch_state)
+        np.random.set_state(numpy_state)
+        random.setstate(python_state)
 
 
 def _process_group() -> Tuple[int, int]:
@@ -516,15 +564,6 @@ def _process_group() -> Tuple[int, int]:
     if dist.is_available() and dist.is_initialized():
         return dist.get_rank(), dist.get_world_size()
     return 0, 1
-
-
-def _seed_worker(worker_id: int) -> None:
-    # Each worker's augmentation RNG derives from the loader's seed (torch does this for torch.*;
-    # numpy and random are used by some transforms too).
-    import random
-    seed = torch.initial_seed() % 2**32
-    np.random.seed(seed)
-    random.seed(seed)
 
 
 def _balanced_weights(dataset) -> torch.Tensor:

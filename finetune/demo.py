@@ -10,7 +10,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import List, Optional, Sequence
 
-from . import compare, engine, soup
+from . import compare, engine, rundir, soup
 
 
 @dataclass
@@ -22,7 +22,7 @@ class DemoResult:
 
 def run_demo(out_dir: Optional[str] = None, overrides: Sequence[str] = (), progress: bool = True) -> DemoResult:
     run = engine.train_recipe("demo", overrides, out_dir=out_dir, progress=progress)
-    ingredients = soup.best_checkpoints(run.run_dir)
+    ingredients = rundir.best_checkpoints(run.run_dir)
     soups = [soup.make_soup([run.run_dir], method="uniform", split="val"),
              soup.make_soup([run.run_dir], method="greedy", split="val")]
     compare.evaluate_missing(compare.collect_rows([*ingredients, *soups]), split="test")

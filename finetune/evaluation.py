@@ -1,52 +1,167 @@
-"""Evaluating and using a checkpoint: `finetune eval` and `finetune predict`."""
+"""Scoring: "how good is this checkpoint (or state dict) on this split?", answered in one place.
+
+    report = evaluate_on_split("runs/x/epoch-007.safetensors", split="test")   # finetune eval
+    score = state_scorer(first_checkpoint, recipe, "val")                       # soup's judge
+
+Everything that scores (the engine's final test, `eval`, `predict`, soup, `compare --eval`, viz)
+goes through here: the recipe that belongs to a checkpoint (`recipe_for`), the loaders of a split
+(`split_loader`), the device (`choose_device`: CUDA when present, else CPU) and `evaluate`.
+"""
 from __future__ import annotations
 
+import contextlib
 from pathlib import Path
-from typing import Any, Dict, List, Optional, Sequence
+from typing import Any, Callable, Dict, List, Optional, Sequence, Union
 
 import torch
+import torch.nn.functional as F
 
 from . import data as data_lib
-from .checkpoints import read_meta
-from .compare import store_result
-from .engine import evaluate, split_loader
+from . import distributed
+from . import rundir
+from .checkpoints import StateDict, read_meta
 from .errors import FinetuneError
 from .loading import data_config_of, load_model
-from .recipes import Recipe, load_recipe, recipe_from_dict
-from .soup import best_checkpoints
+from .recipes import Recipe, load_recipe, recipe_from_dict, resolve_path
+
+PRECISION_DTYPES = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
+RecipeLike = Union[Recipe, str, None]
+ScoreFn = Callable[[StateDict], float]
 
 
-def recipe_for(checkpoint: str, recipe: Optional[str] = None, overrides: Sequence[str] = ()) -> Recipe:
-    """The recipe named by `recipe`, else the one stored in the checkpoint, with overrides."""
+# -------------------------------------------------------------------------------------- device
+def choose_device(device: Optional[str] = None) -> torch.device:
+    """`device` as given ("cpu", "cuda", "cuda:1"), else CUDA when present, else the CPU."""
+    if device:
+        try:
+            chosen = torch.device(device)
+        except RuntimeError:
+            raise FinetuneError(f"--device: {device!r} is not a device; use cpu, cuda or cuda:N") from None
+        if chosen.type == "cuda" and not torch.cuda.is_available():
+            raise FinetuneError(f"--device: {device!r} asked for, but CUDA is not available here; use cpu")
+        return chosen
+    return torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
+
+
+def autocast(device: torch.device, precision: str):
+    dtype = PRECISION_DTYPES[precision]
+    if dtype is None:
+        return contextlib.nullcontext()
+    return torch.autocast(device_type=device.type, dtype=dtype)
+
+
+# -------------------------------------------------------------------------------------- recipes
+def recipe_for(checkpoint: Union[str, Path], recipe: RecipeLike = None, overrides: Sequence[str] = ()) -> Recipe:
+    """The recipe whose data scores `checkpoint`: `recipe` (a Recipe, name or path) when given,
+    else the one stored in the checkpoint, else the recipe.yaml of the run directory it sits in."""
+    if isinstance(recipe, Recipe):
+        return recipe
     if recipe:
-        return load_recipe(recipe, overrides)
+        return load_recipe(str(recipe), overrides)
     stored = read_meta(checkpoint).get("recipe")
-    if not stored:
-        raise FinetuneError(f"{checkpoint}: no recipe stored in the checkpoint; pass --recipe NAME_OR_PATH "
-                            "to say which data to evaluate on")
-    return recipe_from_dict(stored, source=f"<recipe stored in {checkpoint}>", overrides=overrides)
+    if stored:
+        return recipe_from_dict(stored, source=f"<recipe stored in {checkpoint}>", overrides=overrides)
+    beside = Path(checkpoint).parent / rundir.RECIPE
+    if beside.is_file():
+        return load_recipe(str(beside), overrides)
+    raise FinetuneError(f"{checkpoint}: no recipe stored in the checkpoint or beside it; pass --recipe "
+                        "NAME_OR_PATH to say which data to score it on")
 
 
-def evaluate_on_split(checkpoint: str, recipe: Optional[str] = None, overrides: Sequence[str] = (),
-                      split: str = "val", batch_size: Optional[int] = None) -> Dict[str, Any]:
-    """Scores of `checkpoint` on a split; recorded in the run's results.json when it is in a run."""
+# ---------------------------------------------------------------------------------------- data
+def build_splits(recipe: Recipe, img_size: int, data_config: Dict[str, Any], augment: Optional[str] = None):
+    root = resolve_path(recipe, recipe.data.root) if recipe.data.root else None
+    return data_lib.build_datasets(recipe.data.dataset, root, img_size=img_size, data_config=data_config,
+                                   augment=augment or recipe.data.augment, val_split=recipe.data.val_split,
+                                   test_split=recipe.data.test_split, seed=recipe.seed)
+
+
+def split_loader(recipe: Recipe, model, split: str = "val", batch_size: Optional[int] = None):
+    """An evaluation DataLoader over `split` ('train', 'val' or 'test') of the recipe's dataset,
+    transformed with `model`'s own data config and resolution."""
+    config = data_config_of(model)
+    splits = build_splits(recipe, config["input_size"][-1], config, augment="none")
+    dataset = getattr(splits, split, None) if split in ("train", "val", "test") else None
+    if dataset is None:
+        raise FinetuneError(f"split: {split!r} is not available for dataset {recipe.data.dataset}; "
+                            f"use val{' or test' if splits.test is not None else ''}")
+    class_names = getattr(model, "finetune_info", {}).get("class_names")
+    if class_names and list(class_names) != list(splits.class_names):
+        raise FinetuneError(f"the checkpoint's classes {class_names[:3]}... differ from the dataset's "
+                            f"{splits.class_names[:3]}...: wrong --recipe or data root?")
+    return data_lib.build_loader(dataset, batch_size=batch_size or recipe.batch_size, train=False,
+                                 workers=recipe.data.workers)
+
+
+# ------------------------------------------------------------------------------------- scoring
+@torch.inference_mode()
+def evaluate(model, loader, *, device=None, precision: str = "fp32") -> Dict[str, Any]:
+    """Loss, top-1, top-5 (None below 5 classes), per-class accuracy and confusion matrix.
+
+    Under DDP each process evaluates its shard and the sums are all-reduced, so every process
+    returns the scores of the whole split.
+    """
+    model = getattr(model, "module", model)
+    device = device or next(model.parameters()).device
+    num_classes = model.num_classes
+    was_training = model.training
+    model.eval()
+    confusion = torch.zeros(num_classes, num_classes, dtype=torch.float64, device=device)
+    sums = torch.zeros(3, dtype=torch.float64, device=device)  # loss, top-5 correct, count
+    with autocast(device, precision):
+        for images, labels in loader:
+            if labels.numel() == 0:
+                continue
+            images, labels = images.to(device, non_blocking=True), labels.to(device, non_blocking=True)
+            logits = model(images).float()
+            sums[0] += F.cross_entropy(logits, labels, reduction="sum")
+            if num_classes >= 5:
+                sums[1] += (logits.topk(5, dim=1).indices == labels[:, None]).any(1).sum()
+            sums[2] += labels.numel()
+            confusion.index_put_((labels, logits.argmax(1)), torch.ones_like(labels, dtype=torch.float64),
+                                 accumulate=True)
+    model.train(was_training)
+    sums, confusion = distributed.all_reduce(sums), distributed.all_reduce(confusion)
+    n = max(sums[2].item(), 1)
+    per_class = (confusion.diag() / confusion.sum(1).clamp(min=1)).tolist()
+    return {"loss": sums[0].item() / n, "top1": confusion.diag().sum().item() / n,
+            "top5": sums[1].item() / n if num_classes >= 5 else None, "n": int(sums[2].item()),
+            "per_class": per_class, "confusion": confusion.long().tolist()}
+
+
+def load_for_scoring(checkpoint: Union[str, Path], device: Optional[str] = None):
+    """The checkpoint's model on the scoring device, in eval mode."""
+    return load_model(str(checkpoint)).to(choose_device(device)).eval()
+
+
+def evaluate_on_split(checkpoint: Union[str, Path], recipe: RecipeLike = None, overrides: Sequence[str] = (),
+                      split: str = "val", batch_size: Optional[int] = None, device: Optional[str] = None,
+                      store: bool = True) -> Dict[str, Any]:
+    """Scores of `checkpoint` on a split; with `store`, kept in its run directory's results.json."""
     chosen = recipe_for(checkpoint, recipe, overrides)
-    model = load_model(checkpoint)
-    loader = split_loader(chosen, model, split, batch_size)
-    report = evaluate(model, loader, precision="fp32")
+    model = load_for_scoring(checkpoint, device)
+    report = evaluate(model, split_loader(chosen, model, split, batch_size))
     report.update(checkpoint=str(checkpoint), split=split, class_names=model.finetune_info["class_names"])
-    if (Path(checkpoint).parent / "recipe.yaml").is_file():  # a run directory: keep the score with it
-        store_result(Path(checkpoint), split, report, as_run=_is_runs_best(Path(checkpoint)))
+    checkpoint = Path(checkpoint)
+    if store and rundir.is_run_dir(checkpoint.parent):
+        rundir.store_result(checkpoint, split, report, as_run=rundir.is_runs_best(checkpoint))
     return report
 
 
-def _is_runs_best(checkpoint: Path) -> bool:
-    try:
-        return best_checkpoints(checkpoint.parent)[0].name == checkpoint.name
-    except FinetuneError:  # no (readable) best.json: not a finished run's best
-        return False
+def state_scorer(vessel: Union[str, Path], recipe: RecipeLike, split: str, device: Optional[str] = None) -> ScoreFn:
+    """A function scoring state dicts (top-1 on `split`), with the checkpoint `vessel`'s model
+    and recipe: the soup's judge. The model and loader are built once."""
+    resolved = recipe_for(vessel, recipe)
+    model = load_for_scoring(vessel, device)
+    loader = split_loader(resolved, model, split)
+
+    def score(state: StateDict) -> float:
+        model.load_state_dict(state)
+        return evaluate(model, loader)["top1"]
+    return score
 
 
+# ------------------------------------------------------------------------------------- reports
 def format_report(report: Dict[str, Any]) -> str:
     names = report["class_names"] or [str(i) for i in range(len(report["per_class"]))]
     top5 = f"  top-5 {report['top5']:.4f}" if report["top5"] is not None else ""
@@ -63,16 +178,27 @@ def format_report(report: Dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-@torch.no_grad()
-def predict(checkpoint: str, images: Sequence[str], top_k: int = 5) -> List[Dict[str, Any]]:
+def fraction(value: Optional[float]) -> str:
+    """An accuracy as printed in every table and report: 4 decimals, '-' when unknown."""
+    return "-" if value is None else f"{value:.4f}"
+
+
+# ------------------------------------------------------------------------------------- predict
+@torch.inference_mode()
+def predict(checkpoint: Union[str, Path], images: Sequence[str], top_k: int = 5,
+            device: Optional[str] = None) -> List[Dict[str, Any]]:
     """For each image path: its top-k classes with probabilities."""
-    model = load_model(checkpoint).eval()
+    if top_k < 1:
+        raise FinetuneError(f"--top-k: {top_k} is not a positive integer; use e.g. --top-k 5")
+    model = load_for_scoring(checkpoint, device)
+    target = next(model.parameters()).device
     config = data_config_of(model)
     transform = data_lib.build_transforms(config, config["input_size"][-1], "none", train=False)
     names = model.finetune_info["class_names"] or [str(i) for i in range(model.num_classes)]
     results = []
     for path in images:
-        probabilities = model(transform(data_lib.load_image(path))[None]).softmax(-1)[0]
+        batch = transform(data_lib.load_image(path))[None].to(target)
+        probabilities = model(batch).float().softmax(-1)[0].cpu()
         values, indices = probabilities.topk(min(top_k, len(names)))
         results.append({"image": str(path), "top": [{"class": names[i], "probability": round(v, 6)}
                                                     for v, i in zip(values.tolist(), indices.tolist())]})

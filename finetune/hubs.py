@@ -10,9 +10,10 @@ from __future__ import annotations
 import os
 import shutil
 import urllib.error
+import urllib.parse
 import urllib.request
 from pathlib import Path
-from typing import Optional, Sequence
+from typing import Any, Dict, List, Optional, Sequence
 
 import torch
 
@@ -101,9 +102,50 @@ def hf_file(ref: str, repo_id: str, filenames: Sequence[str], required: bool = T
 
 
 def _hf_missing(ref, repo_id, filenames, required, reason) -> None:
-    if not required:
-        return None
-    raise FinetuneError(
+    if required:
+        raise hf_missing_error(ref, repo_id, filenames, reason)
+
+
+def hf_missing_error(ref: str, repo_id: str, filenames: Sequence[str], reason: str) -> FinetuneError:
+    return FinetuneError(
         f"{ref}: {' or '.join(filenames)} of {repo_id} is not in the Hugging Face cache {hf_repo_dir(repo_id)} "
         f"({reason}); on a machine with network run `hf download {repo_id}` and copy that "
         f"models--{repo_id.replace('/', '--')} folder into {hf_cache_dir()} (or point HF_HOME at a cache that has it)")
+
+
+# ----------------------------------------------------------------------------- timm pretrained tags
+# timm loads a tag's weights itself (`timm.create_model(tag, pretrained=True)`); these say where it
+# looks, so that a cached file is handed to it directly and a missing one is reported before it tries.
+def timm_hub_files(cfg: Dict[str, Any]) -> List[str]:
+    """The file names timm tries in a tag's Hugging Face repo, in its order (`hf_hub_filename` honoured)."""
+    from timm.models._hub import HF_WEIGHTS_NAME, _get_safe_alternatives
+    filename = cfg.get("hf_hub_filename") or HF_WEIGHTS_NAME
+    return [*_get_safe_alternatives(filename), filename]
+
+
+def timm_url_file(url: str) -> Path:
+    """Where timm caches a tag's weights downloaded from a plain URL (the torch hub cache)."""
+    return torch_hub_checkpoints() / os.path.basename(urllib.parse.urlparse(url).path)
+
+
+def timm_cache_dir(cfg: Dict[str, Any]) -> Path:
+    return hf_cache_dir() if cfg.get("hf_hub_id") else torch_hub_checkpoints()
+
+
+def timm_cached_file(cfg: Dict[str, Any]) -> Optional[Path]:
+    """The file timm would load for pretrained cfg `cfg`, if it is on disk already."""
+    if cfg.get("hf_hub_id"):
+        return hf_cached_file(cfg["hf_hub_id"], timm_hub_files(cfg))
+    if cfg.get("url"):
+        path = timm_url_file(cfg["url"])
+        return path if path.is_file() else None
+    return None
+
+
+def timm_missing_error(ref: str, cfg: Dict[str, Any], reason: str) -> FinetuneError:
+    if cfg.get("hf_hub_id"):
+        return hf_missing_error(ref, cfg["hf_hub_id"], timm_hub_files(cfg), reason)
+    if cfg.get("url"):
+        return FinetuneError(f"{ref}: weights not cached at {timm_url_file(cfg['url'])} ({reason}); download "
+                             f"{cfg['url']} on a machine with network and place it there")
+    return FinetuneError(f"{ref}: timm lists no download location for these weights")

@@ -20,6 +20,8 @@ embedding to `img_size` (2-D bicubic), and replace the head with a zero-initiali
 from __future__ import annotations
 
 import difflib
+import zipfile
+import pickle
 import warnings
 from dataclasses import dataclass, field, replace
 from functools import partial
@@ -28,6 +30,8 @@ from typing import Any, Callable, Dict, List, Optional, Tuple
 
 import timm
 import torch
+from huggingface_hub.errors import EntryNotFoundError
+from safetensors import SafetensorError
 from timm.layers import resample_abs_pos_embed
 from timm.models.vision_transformer import VisionTransformer
 
@@ -36,6 +40,10 @@ from .checkpoints import StateDict, read_state_dict
 from .errors import FinetuneError
 
 GOOGLE_MEAN_STD = ((0.5, 0.5, 0.5), (0.5, 0.5, 0.5))
+# What timm.create_model(pretrained=True) raises when weights cannot be fetched or read: network and
+# cache errors (huggingface_hub's are OSErrors, except EntryNotFoundError), corrupt files, wrong layouts.
+_TIMM_LOAD_ERRORS = (OSError, RuntimeError, ValueError, KeyError, AssertionError, pickle.UnpicklingError,
+                     SafetensorError, EntryNotFoundError)
 
 
 @dataclass
@@ -138,8 +146,9 @@ def build_model(arch: Dict[str, Any], num_classes: int, img_size: int) -> Vision
             model = timm.create_model(arch["timm_name"], pretrained=False, **kwargs)
         else:
             model = VisionTransformer(**kwargs)
-    except (TypeError, ValueError, RuntimeError, AssertionError) as e:
-        raise FinetuneError(f"cannot build a ViT from architecture {arch}: {e}") from e
+    except Exception as e:  # noqa: BLE001 — timm's constructors raise many types for impossible arguments
+        raise FinetuneError(f"cannot build a ViT from architecture {str(arch)[:200]}: {type(e).__name__}: "
+                            f"{str(e)[:200]}") from e
     if not isinstance(model, VisionTransformer):
         raise FinetuneError(f"{arch.get('timm_name')} is a {type(model).__name__}, not a VisionTransformer")
     return model
@@ -250,23 +259,52 @@ def _from_ppv(ref: str, name: str) -> Pretrained:
                       _data_config(*GOOGLE_MEAN_STD, "bilinear", 1.0), ref, _imagenet_names(num_classes))
 
 
-def _from_timm(ref: str, name: str) -> Pretrained:
-    if name not in timm.list_pretrained():
-        raise FinetuneError(f"unknown timm pretrained tag {name!r}{_suggest(name, timm.list_pretrained())}; "
+def _from_timm(ref: str, tag: str) -> Pretrained:
+    # timm's own pretrained path, so each family's checkpoint_filter_fn (OpenCLIP, DINOv2, EVA, ...
+    # layouts) and the tag's hub file name apply exactly as in timm.create_model(tag, pretrained=True).
+    cfg = _timm_pretrained_cfg(tag)
+    _require_timm_vit(ref, cfg["architecture"])
+    model = _timm_pretrained_model(ref, tag, cfg)
+    resolved = model.pretrained_cfg
+    return Pretrained(model.state_dict(), {"timm_name": cfg["architecture"]}, model.num_classes,
+                      model.patch_embed.img_size[0], _data_config_from_timm(resolved), ref,
+                      resolved.get("label_names") or _imagenet_names(model.num_classes))
+
+
+def _timm_pretrained_cfg(tag: str) -> Dict[str, Any]:
+    if tag not in timm.list_pretrained():
+        raise FinetuneError(f"unknown timm pretrained tag {tag!r}{_suggest(tag, timm.list_pretrained())}; "
                             "see timm.list_pretrained('vit_*')")
-    cfg = timm.models.get_pretrained_cfg(name).to_dict()
-    if cfg.get("hf_hub_id"):
-        path = hubs.hf_file(ref, cfg["hf_hub_id"], ("model.safetensors", "pytorch_model.bin"))
-    elif cfg.get("url"):
-        path = hubs.fetch_url(ref, cfg["url"], hubs.torch_hub_checkpoints() / Path(cfg["url"]).name)
-    else:
-        raise FinetuneError(f"{ref}: timm lists no download location for these weights")
-    if path.suffix == ".npz":
-        return _from_npz(ref, str(path))
-    state, _ = read_state_dict(path)
-    return Pretrained(convert.to_timm(state, str(path)), {"timm_name": cfg["architecture"]},
-                      cfg.get("num_classes") or 0, cfg["input_size"][-1], _data_config_from_timm(cfg), ref,
-                      cfg.get("label_names") or _imagenet_names(cfg.get("num_classes")))
+    return timm.models.get_pretrained_cfg(tag).to_dict()
+
+
+def _require_timm_vit(ref: str, architecture: str) -> None:
+    try:
+        with torch.device("meta"):  # the class only: no memory, no weights
+            model_class = type(timm.create_model(architecture, pretrained=False))
+    except (RuntimeError, NotImplementedError):  # an architecture whose construction needs real tensors
+        model_class = type(timm.create_model(architecture, pretrained=False))
+    if not issubclass(model_class, VisionTransformer):
+        raise FinetuneError(f"{ref}: {architecture} is a timm {model_class.__name__}, not a VisionTransformer; "
+                            "use a ViT tag such as timm:vit_base_patch16_224.augreg2_in21k_ft_in1k")
+
+
+def _timm_pretrained_model(ref: str, tag: str, cfg: Dict[str, Any]) -> VisionTransformer:
+    cached = hubs.timm_cached_file(cfg)
+    if cached is None and hubs.offline():
+        raise hubs.timm_missing_error(ref, cfg, "offline mode is on")
+    # A cached file is handed to timm directly, so loading it never touches the network.
+    overlay = {"file": str(cached)} if cached else None
+    try:
+        return timm.create_model(tag, pretrained=True, pretrained_cfg_overlay=overlay,
+                                 cache_dir=hubs.timm_cache_dir(cfg))
+    except _TIMM_LOAD_ERRORS as e:
+        reason = str(e).strip().splitlines()[0][:200] if str(e).strip() else type(e).__name__
+        cached = cached or hubs.timm_cached_file(cfg)
+        if cached is None:
+            raise hubs.timm_missing_error(ref, cfg, f"download failed: {reason}") from e
+        raise FinetuneError(f"{ref}: timm cannot load {cached} ({reason}); the file is truncated, corrupt or "
+                            f"not the weights of {tag}: delete it and fetch it again") from e
 
 
 def _from_hf(ref: str, repo_id: str) -> Pretrained:
@@ -305,16 +343,22 @@ def _from_npz(ref: str, location: str) -> Pretrained:
     path = _npz_path(ref, location)
     try:
         with np.load(path, allow_pickle=False) as npz:
+            if not hasattr(npz, "files"):  # a lone .npy array, not an archive of them
+                raise ValueError("a single array, not an .npz archive")
             shapes = {k: npz[k].shape for k in npz.files}
-    except (OSError, ValueError) as e:
-        raise FinetuneError(f"{path}: not a readable .npz file ({e}); it is truncated or corrupt") from e
-    arch, num_classes, img_size = _npz_arch(path, shapes)
+    except (OSError, ValueError, EOFError, zipfile.BadZipFile) as e:
+        raise FinetuneError(f"{path}: not a readable .npz file ({str(e)[:120]}); it is truncated or corrupt") from e
+    try:
+        arch, num_classes, img_size = _npz_arch(path, shapes)
+    except (KeyError, IndexError, TypeError, ValueError) as e:  # a file of other arrays than Google's
+        raise FinetuneError(f"{path}: not a Google ViT checkpoint: array {e} is missing or has an unexpected "
+                            "shape") from e
     model = build_model(arch, max(num_classes, 1), img_size)
     try:
         with torch.no_grad():
             _load_weights(model, str(path))  # timm's own reader of Google's layout
-    except (KeyError, ValueError, RuntimeError) as e:
-        raise FinetuneError(f"{path}: not a Google ViT checkpoint timm can read ({e})") from e
+    except (KeyError, ValueError, RuntimeError, IndexError, TypeError, AttributeError) as e:
+        raise FinetuneError(f"{path}: not a Google ViT checkpoint timm can read ({str(e)[:120]})") from e
     state = {k: v for k, v in model.state_dict().items() if num_classes or not k.startswith("head.")}
     return Pretrained(state, arch, num_classes, img_size, _data_config(*GOOGLE_MEAN_STD, "bilinear", 1.0),
                       ref, _imagenet_names(num_classes))
@@ -335,7 +379,11 @@ def _npz_arch(path: Path, shapes: Dict[str, tuple]) -> Tuple[Dict[str, Any], int
     prefix = next((p for p in ("", "opt/target/", "params/") if f"{p}embedding/kernel" in shapes), None)
     if prefix is None:
         raise FinetuneError(f"{path}: no embedding/kernel array: not a Google ViT checkpoint")
-    ph, pw, in_chans, width = shapes[f"{prefix}embedding/kernel"]
+    kernel = shapes[f"{prefix}embedding/kernel"]
+    if len(kernel) != 4:
+        raise FinetuneError(f"{path}: embedding/kernel has shape {tuple(kernel)}; a Google ViT patch kernel is "
+                            "4-D [patch, patch, channels, width]")
+    ph, pw, in_chans, width = kernel
     depth = sum(1 for k in shapes if k.startswith(f"{prefix}Transformer/encoderblock_") and k.endswith("LayerNorm_0/scale"))
     query = shapes.get(f"{prefix}Transformer/encoderblock_0/MultiHeadDotProductAttention_1/query/kernel")
     if width not in convert.FAMILY or ph != pw or ph not in convert.PATCH_SIZES or depth == 0 or query is None:
@@ -400,7 +448,8 @@ def _data_config(mean, std, interpolation: str, crop_pct: float) -> Dict[str, An
 
 
 def _data_config_from_timm(cfg: Dict[str, Any]) -> Dict[str, Any]:
-    return _data_config(cfg["mean"], cfg["std"], cfg.get("interpolation", "bicubic"), cfg.get("crop_pct", 0.875))
+    return {**_data_config(cfg["mean"], cfg["std"], cfg.get("interpolation", "bicubic"), cfg.get("crop_pct", 0.875)),
+            "crop_mode": cfg.get("crop_mode", "center")}
 
 
 def _imagenet_names(num_classes: Optional[int]) -> Optional[List[str]]:
@@ -451,9 +500,7 @@ def is_cached(ref: str) -> bool:
     if scheme == "ppv" and rest in PPV_MODELS:
         return (hubs.torch_hub_checkpoints() / f"{rest}.pth").is_file()
     if scheme == "timm":
-        cfg = timm.models.get_pretrained_cfg(rest)
-        return bool(cfg and cfg.hf_hub_id and hubs.hf_cached_file(cfg.hf_hub_id, ("model.safetensors",
-                                                                                  "pytorch_model.bin")))
+        return rest in timm.list_pretrained() and hubs.timm_cached_file(_timm_pretrained_cfg(rest)) is not None
     if scheme == "hf":
         return hubs.hf_cached_file(rest, ("model.safetensors", "pytorch_model.bin")) is not None
     if scheme == "npz":

@@ -5,91 +5,117 @@ applies `--set` style overrides and validates every key, so a typo or an impossi
 the run before any weights are downloaded, with one line naming the file (or override), the
 dotted key, the value and what is allowed.
 
-The schema is the dataclasses below; their defaults are the values a key takes when a recipe
-leaves it out.
+The schema is the dataclasses below: each key is declared once, with its type, its bounds or
+choices, its default (the value it takes when a recipe leaves it out) and what it means. The
+checks and the "what is allowed" of error messages are read off those declarations, so adding a
+key is one line.
 """
 from __future__ import annotations
 
 import dataclasses
 import difflib
+import functools
 import math
+import operator
 import os
 import re
+import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Dict, Iterable, List, Mapping, NamedTuple, Optional, Sequence
+from typing import Any, Dict, Iterable, List, Literal, Mapping, NamedTuple, Optional, Sequence
+from typing import get_args, get_origin
 
 import yaml
 
 from .errors import FinetuneError
 
-PRECISIONS = ("fp32", "bf16", "fp16")
-OPTIMIZERS = ("sgd", "adamw")
-SCHEDULES = ("step", "cosine", "none")
-DATASETS = ("imagefolder", "oxford_pets", "cifar10", "cifar100", "flowers102", "digits")
+Precision = Literal["fp32", "bf16", "fp16"]
+OptimizerName = Literal["sgd", "adamw"]
+ScheduleName = Literal["step", "cosine", "none"]
+Dataset = Literal["imagefolder", "oxford_pets", "cifar10", "cifar100", "flowers102", "digits"]
+Augment = Literal["none", "flip", "affine", "crop_flip", "randaugment"]
+
+PRECISIONS = get_args(Precision)
+OPTIMIZERS = get_args(OptimizerName)
+SCHEDULES = get_args(ScheduleName)
+DATASETS = get_args(Dataset)
+AUGMENTS = get_args(Augment)
 TORCHVISION_DATASETS = ("oxford_pets", "cifar10", "cifar100", "flowers102")
-AUGMENTS = ("none", "flip", "affine", "crop_flip", "randaugment")
 DEFAULT_DOWNLOAD_ROOT = "data/"
+
+_MODEL_REFS = (
+    "a model ref such as B_16, ppv:B_16_imagenet1k, timm:NAME, hf:ORG/NAME, npz:PATH, "
+    "a checkpoint path or scratch:patch_size=..."
+)
+
+
+_BOUNDS = {"gt": (operator.gt, ">"), "ge": (operator.ge, ">="), "lt": (operator.lt, "<"),
+           "le": (operator.le, "<=")}
+
+
+def bounded(default: Any, **bounds: float) -> Any:
+    """A key's default and its bounds (gt, ge, lt, le; lower first), e.g. `bounded(0.01, gt=0)`."""
+    unknown = set(bounds) - set(_BOUNDS)
+    if unknown:
+        raise TypeError(f"bounded() takes gt, ge, lt, le, not {', '.join(sorted(unknown))}")
+    return field(default=default, metadata={"bounds": bounds})
 
 
 # ----------------------------------------------------------------------------------------- schema
+# A key is one line: `name: type = default`, or `= bounded(default, ge=..., lt=...)`; the type is
+# bool, int, float, str, a Literal of choices, Optional[...] of those (null allowed), or a section
+# (a dataclass here, `field(default_factory=...)` in its parent). Dotted keys name nested ones.
 @dataclass
 class OptimizerConfig:
-    name: str = "sgd"  # sgd | adamw
-    lr: float = 0.01  # peak learning rate, > 0
-    momentum: float = 0.9  # 0 <= x < 1; SGD momentum (adamw ignores it)
-    weight_decay: float = 0.0  # >= 0
+    name: OptimizerName = "sgd"
+    lr: float = bounded(0.01, gt=0)  # peak learning rate
+    momentum: float = bounded(0.9, ge=0, lt=1)  # SGD momentum (adamw ignores it)
+    weight_decay: float = bounded(0.0, ge=0)
 
 
 @dataclass
 class ScheduleConfig:
-    name: str = "cosine"  # step | cosine | none (constant lr)
-    step_size: int = 5  # step: multiply the lr by gamma every step_size epochs
-    gamma: float = 0.7  # step: 0 < gamma <= 1
-    warmup_epochs: int = 0  # linear warmup from ~0 to lr, >= 0 and < epochs
+    name: ScheduleName = "cosine"  # stepped per epoch; none = constant lr
+    step_size: int = bounded(5, ge=1)  # step: multiply the lr by gamma every step_size epochs
+    gamma: float = bounded(0.7, gt=0, le=1)  # step: the factor
+    warmup_epochs: int = bounded(0, ge=0)  # linear warmup from ~0 to lr; must be < epochs
 
 
 @dataclass
 class DataConfig:
-    dataset: str = "imagefolder"  # one of DATASETS
-    root: Optional[str] = None  # imagefolder: the folder (required); torchvision sets: download dir
-    val_split: float = 0.1  # 0 < x < 1: train fraction held out when the dataset has no val split
-    test_split: float = 0.0  # 0 <= x < 1: fraction held out as test when there is no test split
+    dataset: Dataset = "imagefolder"
+    # imagefolder: the folder of class folders (required); torchvision sets: the download dir
+    root: Optional[str] = None  # null = DEFAULT_DOWNLOAD_ROOT for those
+    val_split: float = bounded(0.1, gt=0, lt=1)  # train fraction held out if there is no val split
+    test_split: float = bounded(0.0, ge=0, lt=1)  # fraction held out as test, likewise
     balanced: bool = False  # class-balanced sampling of the training set
-    workers: int = 2  # DataLoader worker processes, >= 0
-    augment: str = "flip"  # none | flip | affine (shift/rotate, no flip) | crop_flip | randaugment
+    workers: int = bounded(2, ge=0)  # DataLoader worker processes
+    augment: Augment = "flip"  # affine = shift/rotate, no mirror (for digits)
 
 
 @dataclass
 class Recipe:
     name: str = ""  # defaults to the recipe file's stem
-    model: str = ""  # model ref: B_16, ppv:..., timm:..., hf:..., npz:PATH, a checkpoint, scratch:...
-    img_size: Optional[int] = None  # training resolution; null = the weights' native size
-    epochs: int = 10  # >= 1
-    batch_size: int = 32  # images per forward pass, >= 1
-    precision: str = "fp32"  # fp32 | bf16 | fp16 (autocast; fp16 adds a grad scaler)
-    seed: int = 0  # >= 0; seeds torch, numpy, python and the data split
-    keep_best: int = 3  # how many best checkpoints to keep (and average), >= 1
-    early_stop_patience: Optional[int] = None  # epochs without val improvement; 0/null = off
-    grad_accum: int = 1  # batches per optimizer step, >= 1
-    clip_grad: Optional[float] = None  # max gradient norm, > 0; null = no clipping
-    label_smoothing: float = 0.0  # 0 <= x < 1
+    model: str = field(default="", metadata={"allowed": _MODEL_REFS})  # required
+    img_size: Optional[int] = bounded(None, ge=1)  # training resolution; null = the weights' own
+    epochs: int = bounded(10, ge=1)
+    batch_size: int = bounded(32, ge=1)  # images per forward pass, over all DDP processes
+    precision: Precision = "fp32"  # autocast dtype; fp16 adds a grad scaler
+    seed: int = bounded(0, ge=0)  # seeds torch, numpy, python and the data split
+    keep_best: int = bounded(3, ge=1)  # how many best checkpoints to keep (and average)
+    early_stop_patience: Optional[int] = bounded(None, ge=0)  # epochs w/o val gain; 0/null = off
+    grad_accum: int = bounded(1, ge=1)  # batches per optimizer step
+    clip_grad: Optional[float] = bounded(None, gt=0)  # max gradient norm; null = no clipping
+    label_smoothing: float = bounded(0.0, ge=0, lt=1)
     grad_checkpointing: bool = False  # recompute activations in backward to save memory
-    max_steps_per_epoch: Optional[int] = None  # cap on optimizer steps per epoch (smoke tests)
+    max_steps_per_epoch: Optional[int] = bounded(None, ge=1)  # step cap per epoch (smoke tests)
     optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
     schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
     data: DataConfig = field(default_factory=DataConfig)
-    # Where the recipe came from (a file path or "<dict>"): not a recipe key, never serialised;
-    # `resolve_path` uses it to find the repo root.
+    # Where the recipe came from (a file path or "<dict>"): not a recipe key, never serialised
+    # nor compared; `resolve_path` uses it to find the repo root.
     source: str = field(default="<dict>", compare=False, repr=False)
 
-
-_SECTIONS: Dict[str, type] = {
-    "optimizer": OptimizerConfig,
-    "schedule": ScheduleConfig,
-    "data": DataConfig,
-}
-_NOT_KEYS = {"source"}
 
 # The built-in copy of recipes/demo.yaml, so `finetune demo` works from a bare pip install.
 DEMO_RECIPE: Dict[str, Any] = {
@@ -111,84 +137,65 @@ DEMO_RECIPE: Dict[str, Any] = {
 }
 
 
-# ------------------------------------------------------------------------------------------ rules
-class _Rule(NamedTuple):
-    allowed: str  # completes "VALUE is not ...", e.g. "an integer >= 1"
-    accepts: Callable[[Any], bool]
-    cast: Callable[[Any], Any] = lambda value: value
+# ------------------------------------------------------------------- a key's declaration, read back
+class _Key(NamedTuple):
+    kind: Any  # bool, int, float, str, a Literal, or a section's dataclass
+    nullable: bool  # Optional[...]: null is allowed
+    bounds: Dict[str, float]
+    allowed: Optional[str]  # its own "what is allowed", where the type does not say it
 
 
-def _is_int(value: Any) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool)
+_KINDS = {bool: "true or false", int: "an integer", float: "a number", str: "a non-empty string"}
+_NUMBERS = {int: (int,), float: (int, float)}  # an integer is a fine float (cast); bool is neither
 
 
-def _is_number(value: Any) -> bool:
-    return (_is_int(value) or isinstance(value, float)) and math.isfinite(value)
+@functools.lru_cache(maxsize=None)
+def _keys(schema: type) -> Dict[str, _Key]:
+    """The keys `schema` declares, in declaration order; `source` is not a key."""
+    hints = typing.get_type_hints(schema)
+    return {f.name: _key(hints[f.name], f.metadata) for f in dataclasses.fields(schema)
+            if f.name != "source"}
 
 
-def _nullable(rule: _Rule) -> _Rule:
-    return _Rule(
-        f"{rule.allowed} or null",
-        lambda v: v is None or rule.accepts(v),
-        lambda v: None if v is None else rule.cast(v),
-    )
+def _key(kind: Any, metadata: Mapping[str, Any]) -> _Key:
+    nullable = get_origin(kind) is not Literal and type(None) in get_args(kind)
+    if nullable:
+        kind = next(arg for arg in get_args(kind) if arg is not type(None))
+    return _Key(kind, nullable, metadata.get("bounds", {}), metadata.get("allowed"))
 
 
-def _integer(minimum: int) -> _Rule:
-    return _Rule(f"an integer >= {minimum}", lambda v: _is_int(v) and v >= minimum)
+def _section_of(schema: type, name: str) -> Optional[type]:
+    """The dataclass of `schema.name` when that key is a section (has sub-keys), else None."""
+    kind = _keys(schema)[name].kind
+    return kind if dataclasses.is_dataclass(kind) else None
 
 
-def _number(allowed: str, within: Callable[[float], bool]) -> _Rule:
-    return _Rule(allowed, lambda v: _is_number(v) and within(v), float)
+def _allowed(k: _Key) -> str:
+    """Completes "VALUE is not ...", e.g. "a number > 0 and <= 1 or null"."""
+    if k.allowed:
+        text = k.allowed
+    elif get_origin(k.kind) is Literal:
+        text = f"one of {', '.join(get_args(k.kind))}"
+    elif dataclasses.is_dataclass(k.kind):
+        text = f"a mapping of {', '.join(_keys(k.kind))}"
+    else:
+        bounds = " and ".join(f"{_BOUNDS[name][1]} {bound}" for name, bound in k.bounds.items())
+        text = f"{_KINDS[k.kind]} {bounds}".strip()
+    return f"{text} or null" if k.nullable else text
 
 
-def _choice(options: Sequence[str]) -> _Rule:
-    return _Rule(f"one of {', '.join(options)}", lambda v: isinstance(v, str) and v in options)
-
-
-def _text() -> _Rule:
-    return _Rule("a non-empty string", lambda v: isinstance(v, str) and v.strip() != "")
-
-
-def _boolean() -> _Rule:
-    return _Rule("true or false", lambda v: isinstance(v, bool))
-
-
-_RULES: Dict[str, _Rule] = {
-    "name": _text(),
-    "model": _Rule(
-        "a model ref such as B_16, ppv:B_16_imagenet1k, timm:NAME, hf:ORG/NAME, npz:PATH, "
-        "a checkpoint path or scratch:patch_size=...",
-        _text().accepts,
-    ),
-    "img_size": _nullable(_integer(1)),
-    "epochs": _integer(1),
-    "batch_size": _integer(1),
-    "precision": _choice(PRECISIONS),
-    "seed": _integer(0),
-    "keep_best": _integer(1),
-    "early_stop_patience": _nullable(_integer(0)),
-    "grad_accum": _integer(1),
-    "clip_grad": _nullable(_number("a number > 0", lambda x: x > 0)),
-    "label_smoothing": _number("a number >= 0 and < 1", lambda x: 0 <= x < 1),
-    "grad_checkpointing": _boolean(),
-    "max_steps_per_epoch": _nullable(_integer(1)),
-    "optimizer.name": _choice(OPTIMIZERS),
-    "optimizer.lr": _number("a number > 0", lambda x: x > 0),
-    "optimizer.momentum": _number("a number >= 0 and < 1", lambda x: 0 <= x < 1),
-    "optimizer.weight_decay": _number("a number >= 0", lambda x: x >= 0),
-    "schedule.name": _choice(SCHEDULES),
-    "schedule.step_size": _integer(1),
-    "schedule.gamma": _number("a number > 0 and <= 1", lambda x: 0 < x <= 1),
-    "schedule.warmup_epochs": _integer(0),
-    "data.dataset": _choice(DATASETS),
-    "data.root": _nullable(_text()),
-    "data.val_split": _number("a number > 0 and < 1", lambda x: 0 < x < 1),
-    "data.test_split": _number("a number >= 0 and < 1", lambda x: 0 <= x < 1),
-    "data.balanced": _boolean(),
-    "data.workers": _integer(0),
-    "data.augment": _choice(AUGMENTS),
-}
+def _accepts(k: _Key, value: Any) -> bool:
+    if value is None:
+        return k.nullable
+    if get_origin(k.kind) is Literal:
+        return isinstance(value, str) and value in get_args(k.kind)
+    if k.kind is str:
+        return isinstance(value, str) and value.strip() != ""
+    if k.kind is bool or isinstance(value, bool):  # true is not 1, nor 1 true
+        return k.kind is bool and isinstance(value, bool)
+    if not isinstance(value, _NUMBERS.get(k.kind, ())) or not math.isfinite(value):
+        return False
+    return all(_BOUNDS[name][0](value, bound) for name, bound in k.bounds.items())
 
 
 # ------------------------------------------------------------------------------------------- YAML
@@ -248,10 +255,6 @@ def _show(value: Any) -> str:
     return repr(value)
 
 
-def _keys_of(cls: type) -> List[str]:
-    return [f.name for f in dataclasses.fields(cls) if f.name not in _NOT_KEYS]
-
-
 def _unknown_key(where: str, dotted: str, known: Sequence[str]) -> FinetuneError:
     prefix, _, key = dotted.rpartition(".")
     close = difflib.get_close_matches(key, known, n=1, cutoff=0.6)
@@ -263,44 +266,28 @@ def _unknown_key(where: str, dotted: str, known: Sequence[str]) -> FinetuneError
     return FinetuneError(f"{where}: unknown key {dotted!r} ({hint})")
 
 
-def _build(cls: type, raw: Mapping[str, Any], prefix: str, ctx: _Context) -> Any:
-    known = _keys_of(cls)
-    for key in raw:
-        if key not in known:
-            dotted = f"{prefix}{key}"
-            raise _unknown_key(ctx.where(dotted), dotted, known)
-    values = {}
-    for key in known:
-        if key not in raw:
-            continue
-        dotted = f"{prefix}{key}"
-        if key in _SECTIONS and not prefix:
-            values[key] = _build(_SECTIONS[key], _section(raw[key], dotted, ctx), f"{key}.", ctx)
-        else:
-            values[key] = _checked(raw[key], dotted, ctx)
-    return cls(**values)
+def _build(schema: type, raw: Any, prefix: str, ctx: _Context) -> Any:
+    keys = _keys(schema)
+    for name in raw:
+        if name not in keys:
+            dotted = f"{prefix}{name}"
+            raise _unknown_key(ctx.where(dotted), dotted, list(keys))
+    checked = {n: _checked(k, raw[n], f"{prefix}{n}", ctx) for n, k in keys.items() if n in raw}
+    return schema(**checked)
 
 
-def _section(value: Any, dotted: str, ctx: _Context) -> Mapping[str, Any]:
-    if value is None:  # a section with every sub-key commented out: all defaults
-        return {}
-    if not isinstance(value, dict):
-        keys = ", ".join(_keys_of(_SECTIONS[dotted]))
-        raise ctx.fail(dotted, f"{_show(value)} is not a mapping of {keys}")
-    return value
-
-
-def _checked(value: Any, dotted: str, ctx: _Context) -> Any:
-    rule = _RULES[dotted]
-    if not rule.accepts(value):
-        raise ctx.fail(dotted, f"{_show(value)} is not {rule.allowed}")
-    return rule.cast(value)
+def _checked(k: _Key, value: Any, dotted: str, ctx: _Context) -> Any:
+    if dataclasses.is_dataclass(k.kind) and (value is None or isinstance(value, dict)):
+        return _build(k.kind, value or {}, f"{dotted}.", ctx)  # null: every sub-key commented out
+    if not _accepts(k, value):
+        raise ctx.fail(dotted, f"{_show(value)} is not {_allowed(k)}")
+    return float(value) if k.kind is float and value is not None else value
 
 
 def _check_consistency(recipe: Recipe, ctx: _Context) -> None:
     """Rules that span keys; an error names the key an override touched, if any."""
     if not recipe.model:
-        raise ctx.fail("model", f"is required: {_RULES['model'].allowed}")
+        raise ctx.fail("model", f"is required: {_MODEL_REFS}")
     _check_warmup(recipe, ctx)
     _check_splits(recipe.data, ctx)
     if recipe.data.dataset == "imagefolder" and recipe.data.root is None:
@@ -365,40 +352,47 @@ def _parse_override(text: str) -> tuple[str, Any]:
     return key, _parse_yaml(value_text, label)
 
 
-def _check_override_key(parts: List[str], label: str) -> None:
-    cls: Optional[type] = Recipe
+def _checked_key(parts: List[str], label: str) -> Optional[type]:
+    """Refuse an unknown dotted key; return the section's model when the key names a section."""
+    schema: Optional[type] = Recipe
     for depth, part in enumerate(parts):
         dotted = ".".join(parts[: depth + 1])
-        if cls is None:
+        if schema is None:
             parent = ".".join(parts[:depth])
             raise FinetuneError(f"{label}: unknown key {dotted!r} ({parent} has no sub-keys)")
-        if part not in _keys_of(cls):
-            raise _unknown_key(label, dotted, _keys_of(cls))
-        cls = _SECTIONS.get(part) if depth == 0 else None
+        if part not in _keys(schema):
+            raise _unknown_key(label, dotted, list(_keys(schema)))
+        schema = _section_of(schema, part)
+    return schema
 
 
-def _apply_override(raw: Dict[str, Any], text: str, ctx: _Context) -> None:
-    label = f"--set {text}"
-    key, value = _parse_override(text)
-    parts = key.split(".")
-    _check_override_key(parts, label)
-    if len(parts) == 1 and key in _SECTIONS:
+def _set(raw: Dict[str, Any], key: str, value: Any, label: str, ctx: _Context) -> None:
+    """Set dotted `key` in the raw nested dict; a mapping given for a section merges into it."""
+    section = _checked_key(key.split("."), label)
+    if dataclasses.is_dataclass(value):
+        value = dataclasses.asdict(value)
+    if section is not None:
         if not isinstance(value, dict):
-            example = f"{key}.{_keys_of(_SECTIONS[key])[0]}=..."
+            example = f"{key}.{next(iter(_keys(section)))}=..."
             raise FinetuneError(
                 f"{label}: {key} is a section; set one of its keys, e.g. --set {example}"
             )
-        section = raw.get(key) if isinstance(raw.get(key), dict) else {}
-        raw[key] = {**section, **value}
-        ctx.origins.update({f"{key}.{sub}": label for sub in value})
+        for sub, sub_value in value.items():
+            _set(raw, f"{key}.{sub}", sub_value, label, ctx)
         return
+    *parents, last = key.split(".")
     node = raw
-    for part in parts[:-1]:
+    for part in parents:
         if not isinstance(node.get(part), dict):
             node[part] = {}
         node = node[part]
-    node[parts[-1]] = value
+    node[last] = value
     ctx.origins[key] = label
+
+
+def _apply_override(raw: Dict[str, Any], text: str, ctx: _Context) -> None:
+    key, value = _parse_override(text)
+    _set(raw, key, value, f"--set {text}", ctx)
 
 
 # ------------------------------------------------------------------------------------ public API
@@ -413,19 +407,30 @@ def recipe_from_dict(
 def recipe_to_dict(recipe: Recipe) -> Dict[str, Any]:
     """The recipe as plain nested dicts of str/int/float/bool/None, ready for JSON or YAML."""
     d = dataclasses.asdict(recipe)
-    for key in _NOT_KEYS:
-        d.pop(key, None)
+    del d["source"]
     return d
+
+
+def with_changes(recipe: Recipe, **changes: Any) -> Recipe:
+    """A validated copy of `recipe` with dotted keys changed; `recipe` itself is untouched.
+
+    `with_changes(r, **{"model": "B_16", "data.root": "/abs"})`. A mapping (or a config object)
+    given for a section merges into it. Unlike `dataclasses.replace`, every value is
+    checked and the cross-key rules are applied, with errors naming the change.
+    """
+    ctx = _Context(recipe.source)
+    raw = recipe_to_dict(recipe)
+    for key, value in changes.items():
+        _set(raw, key, value, f"with_changes({key}={_show(value)})", ctx)
+    return _validate(raw, ctx, recipe.name)
 
 
 def save_recipe(recipe: Recipe, path: str | os.PathLike) -> Path:
     """Write the fully resolved recipe as YAML (e.g. `run_dir/recipe.yaml`); loads back identical."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
+    from .checkpoints import atomic_write  # a kill mid-write must not leave half a recipe behind
     header = f"# Resolved recipe (every key explicit), from {recipe.source}\n"
     body = yaml.safe_dump(recipe_to_dict(recipe), sort_keys=False, default_flow_style=False)
-    path.write_text(header + body, encoding="utf-8")
-    return path
+    return atomic_write(path, lambda tmp: Path(tmp).write_text(header + body, encoding="utf-8"))
 
 
 def available_recipes() -> List[str]:

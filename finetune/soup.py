@@ -23,24 +23,22 @@ first ingredient's plus `source: "soup"` and a `soup` record of the method and i
 from __future__ import annotations
 
 import hashlib
-import json
 import math
 import os
 from pathlib import Path
-from typing import Any, Callable, Dict, Iterable, List, Optional, Sequence, Tuple
+from typing import Any, Dict, Iterable, List, Optional, Sequence, Tuple
 
-import click
 import torch
 from safetensors import SafetensorError, safe_open
 
-from .checkpoints import StateDict, read_checkpoint, read_meta, tensor_shapes, write_checkpoint
+from .checkpoints import StateDict, read_checkpoint, read_meta, refuse_to_overwrite, tensor_shapes, write_checkpoint
 from .errors import FinetuneError
+from .evaluation import ScoreFn, fraction, state_scorer
+from .rundir import SPLITS, best_checkpoints
 
 METHODS = ("uniform", "greedy")
-SPLITS = ("val", "test")
 MATCHING_FIELDS = ("arch", "num_classes", "class_names")
 FLOAT_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16}
-ScoreFn = Callable[[StateDict], float]
 
 
 # ------------------------------------------------------------------------------------- ingredients
@@ -58,33 +56,6 @@ def resolve_ingredients(inputs: Iterable[str | os.PathLike]) -> List[Path]:
     if not paths:
         raise FinetuneError("no ingredients given; pass checkpoint files or run directories")
     return paths
-
-
-def best_checkpoints(run_dir: Path) -> List[Path]:
-    """The checkpoints a run's `best.json` lists, in its order (best first)."""
-    entries = _best_json_entries(run_dir)
-    paths = []
-    for entry in entries:
-        path = run_dir / str(entry.get("path", "")) if isinstance(entry, dict) else None
-        if path is None or not path.is_file():
-            raise FinetuneError(f"{run_dir / 'best.json'}: lists {entry!r}, but that checkpoint file is missing")
-        paths.append(path)
-    return paths
-
-
-def _best_json_entries(run_dir: Path) -> List[Any]:
-    best = run_dir / "best.json"
-    if not best.is_file():
-        raise FinetuneError(f"{run_dir}: no best.json, so not a finished run directory; pass its checkpoint "
-                            "files (e.g. last.safetensors) instead")
-    try:
-        entries = json.loads(best.read_text()).get("checkpoints")
-    except (json.JSONDecodeError, AttributeError, OSError) as e:
-        raise FinetuneError(f"{best}: not a readable best.json ({e}); expected "
-                            '{"checkpoints": [{"path": "epoch-003.safetensors", ...}, ...]}') from None
-    if not isinstance(entries, list) or not entries:
-        raise FinetuneError(f"{best}: 'checkpoints' is empty or not a list; the run kept no checkpoint")
-    return entries
 
 
 def validate_ingredients(paths: Sequence[Path]) -> List[Dict[str, Any]]:
@@ -296,22 +267,24 @@ def _divide_in_place(total: StateDict, count: int, dtypes: Dict[str, torch.dtype
 # ------------------------------------------------------------------------------------------ soups
 def make_soup(inputs: Iterable[str | os.PathLike], out: Optional[str | os.PathLike] = None,
               method: str = "uniform", weights: Optional[Sequence[float]] = None, recipe: Any = None,
-              split: str = "val", score_fn: Optional[ScoreFn] = None, evaluate: Optional[bool] = None) -> Path:
+              split: str = "val", score_fn: Optional[ScoreFn] = None, evaluate: Optional[bool] = None,
+              device: Optional[str] = None, force: bool = False) -> Path:
     """Soup the ingredients `inputs` into a checkpoint at `out`; return its path.
 
-    Scoring uses `score_fn`, else a scorer built from `recipe` (a Recipe, a recipe name or path)
-    or the ingredients' stored recipe. Greedy always scores; uniform scores when it can, unless
+    Scoring uses `score_fn`, else `evaluation.state_scorer` with the first ingredient as the
+    vessel and `recipe` (a Recipe, a recipe name or path) or the ingredients' stored recipe, on
+    `device` (default CUDA when present). Greedy always scores; uniform scores when it can, unless
     `evaluate=False` (`evaluate=True` makes a missing recipe an error).
     """
     _check_options(method, weights, split, evaluate)
     inputs = list(inputs)
     paths = resolve_ingredients(inputs)
     metas = validate_ingredients(paths)
-    out = _output_path(inputs, paths, out, method)
+    out = refuse_to_overwrite(_output_path(inputs, paths, out, method), force)
     if evaluate is False:
         score_fn = None
     elif score_fn is None and _wants_score(method, recipe, metas[0], evaluate):
-        score_fn = default_score_fn(paths[0], metas[0], recipe, split)
+        score_fn = state_scorer(paths[0], recipe, split, device)
     if method == "greedy":
         tensors, info = greedy_soup(paths, score_fn)
         score = info["score"]
@@ -381,62 +354,7 @@ def sha256_of(path: Path) -> str:
     return digest.hexdigest()
 
 
-# ---------------------------------------------------------------------------------- default scorer
-def default_score_fn(first_path: Path, first_meta: Dict[str, Any], recipe: Any, split: str) -> ScoreFn:
-    """Top-1 on `split` of the recipe's dataset, with the first ingredient's model as the vessel."""
-    resolved = resolve_recipe(recipe, first_path, first_meta)
-    from . import engine
-    from .loading import load_model
-    model = load_model(str(first_path))
-    loader = engine.split_loader(resolved, model, split)
-
-    def score(state: StateDict) -> float:
-        model.load_state_dict(state)
-        return engine.evaluate(model, loader)["top1"]
-    return score
-
-
-def resolve_recipe(recipe: Any, path: Path, meta: Dict[str, Any]):
-    """`recipe` (a Recipe, name or path), else the recipe stored in `path`'s metadata."""
-    from .recipes import Recipe, load_recipe, recipe_from_dict
-    if isinstance(recipe, Recipe):
-        return recipe
-    if recipe is not None:
-        return load_recipe(str(recipe))
-    if meta.get("recipe"):
-        return recipe_from_dict(meta["recipe"], source=f"{path} (stored recipe)")
-    raise FinetuneError(f"{path}: stores no recipe, so there is no dataset to score the soup on; "
-                        "pass --recipe NAME_OR_PATH")
-
-
-# ---------------------------------------------------------------------------------------------- cli
-def _parse_weights(text: Optional[str]) -> Optional[List[float]]:
-    if text is None:
-        return None
-    try:
-        return [float(w) for w in text.split(",")]
-    except ValueError:
-        raise FinetuneError(f"--weights: {text!r} is not a comma-separated list of numbers, e.g. 0.5,0.3,0.2") from None
-
-
-@click.command("soup", context_settings={"help_option_names": ["-h", "--help"]})
-@click.argument("ingredients", nargs=-1, required=True)
-@click.option("-o", "--out", default=None, help="Output .safetensors (default: soup.safetensors or "
-              "soup-greedy.safetensors beside the first ingredient).")
-@click.option("--method", type=click.Choice(METHODS), default="uniform", show_default=True)
-@click.option("--weights", default=None, help="Uniform only: comma-separated weights, one per ingredient.")
-@click.option("--recipe", default=None, help="Recipe whose dataset scores the soup (default: the stored one).")
-@click.option("--split", type=click.Choice(SPLITS), default="val", show_default=True,
-              help="Split to score on (greedy selects on it).")
-@click.option("--no-eval", "no_eval", is_flag=True, help="Uniform only: do not score the soup.")
-def soup_command(ingredients, out, method, weights, recipe, split, no_eval) -> None:
-    """Average the weights of INGREDIENTS (checkpoints or run directories) into one checkpoint."""
-    path = make_soup(ingredients, out=out, method=method, weights=_parse_weights(weights), recipe=recipe,
-                     split=split, evaluate=False if no_eval else None)
-    for line in describe_soup(path):
-        click.echo(line)
-
-
+# ------------------------------------------------------------------------------------------ report
 def describe_soup(path: Path) -> List[str]:
     """The report printed after a soup is written, from its own metadata."""
     meta = read_meta(path)
@@ -444,20 +362,10 @@ def describe_soup(path: Path) -> List[str]:
     lines = [f"wrote {path} ({soup['method']} soup of {len(soup['ingredients'])} checkpoints)",
              f"  {'ingredient':40} {'val_top1':>8} {'score':>8} {'weight':>7}"]
     for entry, weight in zip(soup["ingredients"], soup["weights"]):
-        lines.append(f"  {entry['path']:40} {_fraction(entry.get('val_top1')):>8} "
-                     f"{_fraction(entry.get('score')):>8} {weight:>7.3f}")
+        lines.append(f"  {entry['path']:40} {fraction(entry.get('val_top1')):>8} "
+                     f"{fraction(entry.get('score')):>8} {weight:>7.3f}")
     if "kept" in soup:
         lines.append(f"kept: {', '.join(soup['kept'])}")
     score = (meta.get("metrics") or {}).get(f"{soup['split']}_top1")
-    lines.append(f"soup {soup['split']} top-1: {_fraction(score)}" if score is not None else "soup not scored")
+    lines.append(f"soup {soup['split']} top-1: {fraction(score)}" if score is not None else "soup not scored")
     return lines
-
-
-def _fraction(value: Optional[float]) -> str:
-    return "-" if value is None else f"{value:.4f}"
-
-
-def run_cli(argv: Optional[Sequence[str]] = None) -> None:
-    """`python tools/soup.py ...`: the soup command with the CLI's error handling."""
-    from .cli import run_click
-    run_click(soup_command, argv, "soup")

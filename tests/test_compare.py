@@ -14,6 +14,7 @@ from finetune.compare import collect_rows, evaluate_missing, format_table
 from finetune.errors import FinetuneError
 
 from conftest import run_entry
+from finetune.cli import compare_main
 from finetune.soup import make_soup
 
 RECIPE_YAML = """\
@@ -81,7 +82,7 @@ def runs(tmp_path):
 
 
 def run_cli(args, capsys):
-    return run_entry(compare.run_cli, args, capsys)
+    return run_entry(compare_main, args, capsys)
 
 
 # -------------------------------------------------------------------------------------------- rows
@@ -208,7 +209,7 @@ def test_eval_refuses_to_overwrite_unreadable_results(runs):
 
 
 def test_cli_eval_reports_on_stderr_and_shows_the_new_score(runs, capsys, monkeypatch):
-    monkeypatch.setattr(compare, "default_evaluator", lambda checkpoint, split: {"top1": 0.8125})
+    monkeypatch.setattr(compare, "evaluate_on_split", lambda checkpoint, **kwargs: {"top1": 0.8125})
     code, out, err = run_cli(["--runs-dir", runs, "--eval", "--format", "csv"], capsys)
     assert code == 0, err
     assert "tiny-20240101-120000/soup.safetensors: test top-1 0.8125" in err

@@ -316,21 +316,54 @@ def test_loaders_are_seeded():
 
 
 @pytest.mark.parametrize("balanced", [False, True])
-def test_epoch_sampler_gives_processes_slices_of_the_same_global_batches(balanced):
-    from finetune.data import EpochSampler
+def test_epoch_batches_give_processes_slices_of_the_same_global_batches(balanced):
+    from finetune.data import EpochBatches
     dataset = LabelsOnly([0] * 9 + [1] * 3)
-    single = EpochSampler(dataset, shuffle=True, balanced=balanced, seed=3, global_batch=4)
-    shards = [EpochSampler(dataset, shuffle=True, balanced=balanced, seed=3, global_batch=4, rank=r, world_size=2)
+    single = EpochBatches(dataset, balanced=balanced, seed=3, global_batch=4)
+    shards = [EpochBatches(dataset, balanced=balanced, seed=3, global_batch=4, rank=r, world_size=2)
               for r in range(2)]
-    for sampler in (single, *shards):
-        sampler.set_epoch(5)
+    for batches in (single, *shards):
+        batches.set_epoch(5)
     order = list(single)
-    for b in range(3):  # each global batch of 4 = rank 0's 2 samples + rank 1's 2 samples
-        assert list(shards[0])[2 * b:2 * b + 2] + list(shards[1])[2 * b:2 * b + 2] == order[4 * b:4 * b + 4]
+    assert len(order) == 3 and [len(b) for b in shards[0]] == [2, 2, 2]
+    for b in range(3):  # each global batch of 4 = rank 0's 2 samples + rank 1's 2 samples, seeds included
+        assert list(shards[0])[b] + list(shards[1])[b] == order[b]
     single.set_epoch(6)
     assert list(single) != order  # a new epoch, a new order; the same epoch, the same order (resume)
     single.set_epoch(5)
     assert list(single) == order
+    single.set_epoch(5, skip_batches=2)
+    assert list(single) == order[2:] and len(single) == 1
+
+
+@pytest.mark.parametrize("n", [17, 16, 13])
+def test_every_process_gets_the_same_number_of_batches(n):
+    from finetune.data import EpochBatches
+    shards = [EpochBatches(LabelsOnly([0] * n), balanced=False, seed=0, global_batch=4, rank=r, world_size=2)
+              for r in range(2)]
+    counts = [len(list(s)) for s in shards]
+    assert counts[0] == counts[1] == len(shards[0]) == len(shards[1])
+    used = sum(len(b) for s in shards for b in s)
+    assert n - used == (n % 4 if n % 4 < 2 else 0)  # only a last batch smaller than 2 images is dropped
+
+
+def test_augmentation_depends_on_seed_epoch_and_position_not_on_workers():
+    from finetune.data import SeededSamples, build_transforms
+    transform = build_transforms({"mean": (0.5,) * 3, "std": (0.5,) * 3}, 16, "randaugment", train=True)
+
+    class Images(LabelsOnly):
+        def __getitem__(self, index):
+            from PIL import Image
+            return transform(Image.new("RGB", (20, 20), (index * 40 % 255, 90, 30))), self.targets[index]
+
+    dataset = Images([0, 1, 0, 1, 0, 1])
+    first = [t for images, _ in build_loader(dataset, batch_size=3, train=True, seed=1, workers=0) for t in images]
+    again = [t for images, _ in build_loader(dataset, batch_size=3, train=True, seed=1, workers=2) for t in images]
+    assert all(torch.equal(a, b) for a, b in zip(first, again)) and len(first) == 6
+    torch.manual_seed(123)
+    state = torch.get_rng_state()
+    SeededSamples(dataset)[(0, 42)]
+    assert torch.equal(torch.get_rng_state(), state)  # the caller's RNG is left as it was
 
 
 def test_dataset_targets_maps_subsets_without_decoding():

@@ -10,6 +10,7 @@ from timm.layers import resample_abs_pos_embed
 
 import finetune
 from finetune.errors import FinetuneError
+from finetune.loading import is_cached
 
 from conftest import DEIT_WEIGHTS, HYMENOPTERA, place_in_hf_cache, require_shared
 
@@ -190,6 +191,111 @@ def test_timm_deit_tiny_real_weights_classify_hymenoptera(offline_caches):
             correct += (ant_bee.argmax(1) == labels).sum().item()
     accuracy = correct / len(val)
     assert accuracy >= 0.95, f"DeiT-Tiny ant/bee accuracy {accuracy:.3f}"
+
+
+# ------------------------------------------------- timm tags whose hub files timm converts on load
+TINYCLIP = "vit_xsmall_patch16_clip_224.tinyclip_yfcc15m"  # TinyCLIP 8M: the smallest OpenCLIP-layout ViT tag
+OPENCLIP_BLOCK_RENAMES = [(".norm1.", ".ln_1."), (".norm2.", ".ln_2."), (".attn.qkv.", ".attn.in_proj_"),
+                          (".attn.proj.", ".attn.out_proj."), (".mlp.fc1.", ".mlp.c_fc."), (".mlp.fc2.", ".mlp.c_proj.")]
+
+
+def to_openclip_layout(sd: dict) -> dict:
+    """A timm CLIP ViT's weights as OpenCLIP stores them: the inverse of timm's `_convert_openai_clip`."""
+    out = {"visual.class_embedding": sd["cls_token"][0, 0], "visual.positional_embedding": sd["pos_embed"][0],
+           "visual.conv1.weight": sd["patch_embed.proj.weight"], "visual.proj": sd["head.weight"].T,
+           # the text tower shares the file; timm keeps only visual.*
+           "logit_scale": torch.tensor(4.6), "text_projection": torch.randn(64, 512),
+           "transformer.resblocks.0.attn.in_proj_weight": torch.randn(192, 64)}
+    for part in ("weight", "bias"):
+        out[f"visual.ln_pre.{part}"], out[f"visual.ln_post.{part}"] = sd[f"norm_pre.{part}"], sd[f"norm.{part}"]
+    for key, value in sd.items():
+        if key.startswith("blocks."):
+            for old, new in OPENCLIP_BLOCK_RENAMES:
+                key = key.replace(old, new)
+            out["visual.transformer.resblocks." + key.removeprefix("blocks.")] = value
+    return {k: v.contiguous() for k, v in out.items()}
+
+
+def place_openclip_weights(hf_home: Path, tmp_path: Path, tag: str):
+    """Random TinyCLIP weights in OpenCLIP layout where timm looks for `tag` (its hub repo and file name)."""
+    import timm
+    from safetensors.torch import save_file
+    source = randomize_(timm.create_model(tag, pretrained=False))
+    with torch.no_grad():
+        source.head.bias.zero_()  # OpenCLIP's projection has no bias; timm's conversion adds a zero one
+    state = to_openclip_layout(source.state_dict())
+    cfg = timm.models.get_pretrained_cfg(tag)
+    filename = cfg.hf_hub_filename or "model.safetensors"
+    weights = tmp_path / filename
+    save_file(state, weights) if filename.endswith(".safetensors") else torch.save(state, weights)
+    place_in_hf_cache(hf_home, cfg.hf_hub_id, {filename: weights})
+    return source
+
+
+def timm_reference(tag: str, monkeypatch) -> torch.nn.Module:
+    """timm's own pretrained loading from the test's Hugging Face cache, with huggingface_hub held offline."""
+    import huggingface_hub
+    import timm
+    from finetune import hubs
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)  # read by the hub at import time
+    return timm.create_model(tag, pretrained=True, cache_dir=hubs.hf_cache_dir()).eval()
+
+
+@pytest.mark.parametrize("hub_filename", [None, "open_clip_pytorch_model.bin"])
+def test_timm_openclip_tag_loads_through_timms_conversion(hub_filename, offline_caches, tmp_path, monkeypatch):
+    import timm
+    if hub_filename:  # the tag as timm releases before 1.0 registered it: OpenCLIP's own file name
+        registered = timm.models._registry._model_pretrained_cfgs[TINYCLIP]
+        monkeypatch.setattr(registered, "hf_hub_filename", hub_filename)
+    source = place_openclip_weights(offline_caches / "hf", tmp_path, TINYCLIP)
+    assert is_cached(f"timm:{TINYCLIP}")
+    model = finetune.load_model(f"timm:{TINYCLIP}").eval()
+    reference = timm_reference(TINYCLIP, monkeypatch)
+    x = torch.randn(2, 3, 224, 224)
+    with torch.no_grad():
+        logits = model(x)
+        assert max_diff(logits, reference(x)) <= 1e-5
+        assert max_diff(logits, source(x)) <= 1e-5  # the conversion restored the weights we wrote
+    cfg = timm.models.get_pretrained_cfg(TINYCLIP)
+    config = finetune.data_config_of(model)
+    assert config["mean"] == cfg.mean and config["std"] == cfg.std and config["crop_pct"] == cfg.crop_pct
+    assert model.finetune_info["arch"] == {"timm_name": "vit_xsmall_patch16_clip_224"}
+    assert model.finetune_info["num_classes"] == 512 and model.finetune_info["img_size"] == 224
+
+
+def test_timm_tag_missing_offline_names_ref_and_cache(offline_caches):
+    with pytest.raises(FinetuneError) as err:
+        finetune.load_model(f"timm:{TINYCLIP}")
+    message = str(err.value)
+    cache = offline_caches / "hf" / "hub" / f"models--timm--{TINYCLIP}"
+    assert f"timm:{TINYCLIP}" in message and str(cache) in message and "hf download" in message
+    assert "\n" not in message and "offline" in message
+
+
+def test_timm_cache_state_follows_the_hub_repo_and_file_timm_reads(offline_caches, monkeypatch):
+    import timm
+    hf_home = offline_caches / "hf"
+    place_in_hf_cache(hf_home, "naver-ai/rdnet_tiny.nv_in1k", {"model.safetensors": b"x"})  # not a timm/ repo
+    assert is_cached("timm:rdnet_tiny.nv_in1k")
+    place_in_hf_cache(hf_home, f"timm/{TINYCLIP}", {"model.safetensors": b"x"})
+    assert is_cached(f"timm:{TINYCLIP}")
+    monkeypatch.setattr(timm.models._registry._model_pretrained_cfgs[TINYCLIP], "hf_hub_filename",
+                        "open_clip_pytorch_model.bin")
+    assert not is_cached(f"timm:{TINYCLIP}")
+    place_in_hf_cache(hf_home, f"timm/{TINYCLIP}", {"open_clip_model.safetensors": b"x"})  # timm's safe alternative
+    assert is_cached(f"timm:{TINYCLIP}")
+    assert not is_cached("timm:no_such_tag.none")
+
+
+def test_timm_tag_of_a_non_vit_is_one_line_error():
+    with pytest.raises(FinetuneError, match=r"timm:resnet18.a1_in1k: resnet18 is a timm ResNet, not a VisionTransformer"):
+        finetune.load_model("timm:resnet18.a1_in1k")
+
+
+def test_timm_corrupt_cached_file_is_one_line_error(offline_caches):
+    place_in_hf_cache(offline_caches / "hf", f"timm/{TINYCLIP}", {"model.safetensors": b"not safetensors"})
+    with pytest.raises(FinetuneError, match=r"cannot load .*model.safetensors.*delete it and fetch it again"):
+        finetune.load_model(f"timm:{TINYCLIP}")
 
 
 def test_plain_state_dict_file_named_after_timm_tag_gets_its_data_config(tmp_path):

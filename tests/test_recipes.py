@@ -10,7 +10,10 @@ import yaml
 import finetune
 from finetune.errors import FinetuneError
 from finetune.recipes import (
+    AUGMENTS,
+    DATASETS,
     DEMO_RECIPE,
+    DataConfig,
     Recipe,
     available_recipes,
     load_recipe,
@@ -18,6 +21,7 @@ from finetune.recipes import (
     recipe_to_dict,
     resolve_path,
     save_recipe,
+    with_changes,
 )
 
 REPO = Path(finetune.__file__).resolve().parent.parent
@@ -313,6 +317,20 @@ def test_from_dict_validates_like_a_file():
         recipe_from_dict({"model": "B_16", "epochs": -1}, source="mine.yaml")
 
 
+def test_numbers_must_be_finite_and_empty_sections_are_defaults():
+    assert error_of("pets37", ["optimizer.lr=.inf"]) == (
+        "--set optimizer.lr=.inf: optimizer.lr: inf is not a number > 0"
+    )
+    commented_out = {"model": "B_16", "data": {"dataset": "digits"}, "optimizer": None}
+    assert recipe_from_dict(commented_out).optimizer.lr == 0.01
+
+
+def test_override_below_a_plain_key_says_it_has_no_sub_keys():
+    assert error_of("pets37", ["optimizer.lr.x=1"]) == (
+        "--set optimizer.lr.x=1: unknown key 'optimizer.lr.x' (optimizer.lr has no sub-keys)"
+    )
+
+
 def test_from_dict_does_not_mutate_its_input():
     d = {"model": "B_16", "data": {"dataset": "cifar10"}}
     recipe_from_dict(d, overrides=["data.root=/x"])
@@ -321,6 +339,102 @@ def test_from_dict_does_not_mutate_its_input():
 
 def test_recipe_is_plain_data():
     assert Recipe().optimizer is not Recipe().optimizer  # no shared mutable defaults
+
+
+def dotted_keys(d, prefix=""):
+    for key, value in d.items():
+        if isinstance(value, dict):
+            yield from dotted_keys(value, f"{prefix}{key}.")
+        else:
+            yield f"{prefix}{key}"
+
+
+def value_at(d, dotted):
+    for part in dotted.split("."):
+        d = d[part]
+    return d
+
+
+DEFAULT_KEYS = list(dotted_keys(recipe_to_dict(Recipe())))
+
+
+def test_the_default_recipe_has_every_documented_key():
+    assert "source" not in DEFAULT_KEYS
+    some = {"model", "epochs", "optimizer.lr", "schedule.warmup_epochs", "data.augment"}
+    assert some <= set(DEFAULT_KEYS)
+
+
+@pytest.mark.parametrize("key", DEFAULT_KEYS)
+def test_every_default_key_round_trips_through_save_and_load(tmp_path, key):
+    original = Recipe(name="default", model="B_16", data=DataConfig(root="/x"))  # all else default
+    saved = save_recipe(original, tmp_path / "recipe.yaml")
+    loaded = load_recipe(saved)
+    assert key in dotted_keys(yaml.safe_load(saved.read_text()))  # written explicitly
+    assert value_at(recipe_to_dict(loaded), key) == value_at(recipe_to_dict(original), key)
+    assert loaded == original
+
+
+@pytest.mark.parametrize("name", SHIPPED)
+def test_every_shipped_recipe_file_loads_and_survives_save(tmp_path, name):
+    recipe = load_recipe(REPO / "recipes" / f"{name}.yaml")
+    assert recipe.source == str(REPO / "recipes" / f"{name}.yaml")
+    assert load_recipe(save_recipe(recipe, tmp_path / "recipe.yaml")) == recipe
+
+
+def test_equality_ignores_where_a_recipe_came_from():
+    from_file = load_recipe("pets37")
+    from_dict = recipe_from_dict(recipe_to_dict(from_file))
+    assert from_dict.source == "<dict>" != from_file.source
+    assert from_dict == from_file
+    assert from_dict != load_recipe("pets37", ["epochs=3"])
+
+
+def test_choices_have_one_owner():
+    from finetune import data
+
+    assert data.DATASETS is DATASETS and data.AUGMENTS is AUGMENTS
+
+
+# --------------------------------------------------------------------------------- with_changes
+def test_with_changes_returns_a_validated_copy_and_leaves_the_original():
+    original = load_recipe("pets37")
+    changed = with_changes(original, **{"model": "B_32", "data.root": "/abs/pets", "clip_grad": 1})
+    assert (changed.model, changed.data.root, changed.clip_grad) == ("B_32", "/abs/pets", 1.0)
+    assert isinstance(changed.clip_grad, float)
+    assert (original.model, original.data.root) == ("ppv:B_16_imagenet1k", "data/")
+    assert original.clip_grad is None
+    assert changed.source == original.source and changed.name == original.name
+    assert changed.optimizer == original.optimizer and changed.optimizer is not original.optimizer
+
+
+def test_with_changes_merges_a_section_given_as_a_mapping_or_a_config():
+    original = load_recipe("pets37")
+    assert with_changes(original, optimizer={"lr": 0.1}).optimizer.momentum == 0.9
+    assert with_changes(original, data=DataConfig(dataset="digits")).data.dataset == "digits"
+
+
+@pytest.mark.parametrize(
+    "changes, message",
+    [
+        ({"epochs": 0}, "with_changes(epochs=0): epochs: 0 is not an integer >= 1"),
+        (
+            {"data.root": True},
+            "with_changes(data.root=true): data.root: true is not a non-empty string or null",
+        ),
+        (
+            {"optimizer.lrr": 1},
+            "with_changes(optimizer.lrr=1): unknown key 'optimizer.lrr' (did you mean 'optimizer.lr'?)",
+        ),
+        (
+            {"schedule.warmup_epochs": 30},
+            "with_changes(schedule.warmup_epochs=30): schedule.warmup_epochs: 30 must be less",
+        ),
+    ],
+)
+def test_with_changes_refuses_what_a_recipe_file_would(changes, message):
+    with pytest.raises(FinetuneError) as info:
+        with_changes(load_recipe("pets37"), **changes)
+    assert str(info.value).startswith(message)
 
 
 # ---------------------------------------------------------------------------------- resolve_path

@@ -16,6 +16,7 @@ from finetune.checkpoints import model_meta, read_checkpoint, write_checkpoint
 from finetune.errors import FinetuneError
 from finetune.soup import greedy_soup, make_soup, resolve_ingredients, uniform_soup, validate_ingredients
 
+from finetune.cli import soup_main
 from conftest import DEIT_WEIGHTS, HYMENOPTERA, require_shared, run_entry
 
 SCRATCH = "scratch:patch_size=8,embed_dim=64,depth={depth},num_heads=4"
@@ -60,7 +61,7 @@ def make_run(folder, order=(3, 1, 2)):
 
 
 def run_cli(args, capsys):
-    return run_entry(soup.run_cli, args, capsys)
+    return run_entry(soup_main, args, capsys)
 
 
 # ------------------------------------------------------------------------------------------ uniform
@@ -199,19 +200,32 @@ def test_greedy_without_scorer_or_recipe_says_pass_recipe(tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == [p.name for p in paths]
 
 
-def test_default_scorer_evaluates_with_the_engine_on_the_stored_recipe(tmp_path, monkeypatch):
+def test_default_scorer_scores_on_the_stored_recipes_split(tmp_path):
+    from finetune.data import build_datasets
     from finetune.recipes import DEMO_RECIPE
-    calls = []
-    fake_engine = types.SimpleNamespace(
-        split_loader=lambda recipe, model, split: calls.append((recipe.model, split)) or "loader",
-        evaluate=lambda model, loader: {"top1": 0.75 if loader == "loader" else 0.0})
-    monkeypatch.setitem(sys.modules, "finetune.engine", fake_engine)
-    monkeypatch.setattr(finetune, "engine", fake_engine, raising=False)
-    paths = [save(tmp_path / f"e{i}.safetensors", recipe=dict(DEMO_RECIPE)) for i in range(2)]
+    from finetune.recipes import recipe_from_dict
+    digits = [str(i) for i in range(10)]
+    recipe = recipe_from_dict(DEMO_RECIPE)
+    models = [small_model(num_classes=10, class_names=digits) for _ in range(2)]
+    with torch.no_grad():  # weights large enough that predictions differ between images
+        for model in models:
+            for p in model.parameters():
+                p.normal_(0, 0.5)
+    paths = [save(tmp_path / f"e{i}.safetensors", model, recipe=dict(DEMO_RECIPE)) for i, model in enumerate(models)]
     out = make_soup(paths, split="test")
-    assert calls == [(DEMO_RECIPE["model"], "test")]
     meta = finetune.read_meta(out)
-    assert meta["metrics"] == {"test_top1": 0.75} and meta["soup"]["split"] == "test"
+    assert meta["soup"]["split"] == "test" and set(meta["metrics"]) == {"test_top1"}
+    # The same soup scored by hand on the demo recipe's test split (digits, its seed and fractions).
+    model = finetune.load_model(str(out))
+    config = finetune.data_config_of(model)
+    test = build_datasets("digits", None, img_size=32, data_config=config, augment="none",
+                          val_split=recipe.data.val_split, test_split=recipe.data.test_split, seed=recipe.seed).test
+    with torch.no_grad():
+        images, labels = zip(*(test[i] for i in range(len(test))))
+        predictions = model.eval()(torch.stack(images)).argmax(1)
+    correct = int((predictions == torch.tensor(labels)).sum())
+    assert len(set(predictions.tolist())) > 1
+    assert meta["metrics"]["test_top1"] == pytest.approx(correct / len(test), abs=1e-9)
     assert make_soup(paths, out=tmp_path / "unscored.safetensors", evaluate=False)
     assert finetune.read_meta(tmp_path / "unscored.safetensors")["metrics"] == {}
 
@@ -309,7 +323,7 @@ def test_cli_greedy_prints_kept_and_score(tmp_path, capsys, monkeypatch):
     target = small_model()
     paths = offset_ingredients(tmp_path, target, [0.01, 0.5, 0.012])
     scorer = distance_scorer(target.state_dict())
-    monkeypatch.setattr(soup, "default_score_fn", lambda *args: scorer)
+    monkeypatch.setattr(soup, "state_scorer", lambda *args: scorer)
     code, out, err = run_cli([*paths, "--method", "greedy"], capsys)
     assert code == 0, err
     assert "kept: ing0.safetensors, ing2.safetensors" in out and "soup val top-1:" in out

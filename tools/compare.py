@@ -8,7 +8,7 @@ try:
 except ImportError:  # not installed: use the checkout this script lives in
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from finetune.compare import run_cli
+from finetune.cli import compare_main
 
 if __name__ == "__main__":
-    run_cli(sys.argv[1:])
+    compare_main(sys.argv[1:])
