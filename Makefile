@@ -8,7 +8,7 @@ SET ?=
 OUT ?=
 PYTEST_ARGS ?=
 
-.PHONY: install test demo finetune bench clean
+.PHONY: install test test-slow demo finetune bench clean
 
 install: $(VENV)/.installed
 
@@ -18,9 +18,14 @@ $(VENV)/.installed: setup.cfg pyproject.toml
 	$(PY) -m pip install --quiet -e '.[dev]'
 	touch $@
 
-# The default suite (CI): everything but the benchmarks; real-data tests skip when ../shared is absent.
+# The default suite (CI): everything but the benchmarks and the `slow` tests; real-data tests skip
+# when ../shared is absent.
 test: install
-	$(PY) -m pytest -q --durations=8 $(PYTEST_ARGS) tests
+	$(PY) -m pytest -q --durations=8 -m "not slow" $(PYTEST_ARGS) tests
+
+# The long checks kept out of CI's time budget (e.g. the 12-kill resume loop).
+test-slow: install
+	$(PY) -m pytest -q --durations=8 -m slow $(PYTEST_ARGS) tests
 
 demo: install
 	$(VENV)/bin/finetune demo

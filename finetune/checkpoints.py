@@ -111,11 +111,13 @@ def model_meta(model: torch.nn.Module) -> Dict[str, Any]:
 
 def save_checkpoint(path: str | os.PathLike, model: torch.nn.Module, *, epoch: Optional[int] = None,
                     metrics: Optional[Dict[str, Any]] = None, recipe: Optional[Dict[str, Any]] = None,
-                    **extra: Any) -> Path:
-    """Save `model` (built by `finetune.load_model`) with its metadata and training provenance."""
+                    state: Optional[StateDict] = None, **extra: Any) -> Path:
+    """Save `model` (built by `finetune.load_model`) with its metadata and training provenance;
+    `state` replaces its own state dict (e.g. LoRA-merged weights)."""
     meta = model_meta(model)
     meta.update(epoch=epoch, metrics=metrics or {}, recipe=recipe, **extra)
-    state = getattr(model, "module", model).state_dict()
+    if state is None:
+        state = getattr(model, "module", model).state_dict()
     return write_checkpoint(path, state, meta)
 
 

@@ -81,8 +81,18 @@ def _warn_unreadable_once(error: FinetuneError, path: str) -> None:
 
 
 # ---------------------------------------------------------------------------------- transforms
-def build_transforms(data_config: dict, img_size: int, augment: str = "none", train: bool = False) -> Callable:
-    """PIL image -> normalised float tensor (3, img_size, img_size), per the model's data config."""
+def build_transforms(data_config: dict, img_size: int, augment: str = "none", train: bool = False,
+                     random_erasing: float = 0.0) -> Callable:
+    """PIL image -> normalised float tensor (3, img_size, img_size), per the model's data config.
+    For training, `random_erasing` adds timm's RandomErasing (per-pixel noise) with that probability."""
+    transform = _transforms(data_config, img_size, augment, train)
+    if train and random_erasing > 0:
+        from timm.data.random_erasing import RandomErasing
+        transform = T.Compose([transform, RandomErasing(probability=random_erasing, mode="pixel", device="cpu")])
+    return transform
+
+
+def _transforms(data_config: dict, img_size: int, augment: str, train: bool) -> Callable:
     if augment not in AUGMENTS:
         raise FinetuneError(f"augment: unknown value {augment!r}; expected one of {', '.join(AUGMENTS)}")
     if not isinstance(img_size, int) or isinstance(img_size, bool) or img_size <= 0:
@@ -369,6 +379,7 @@ def build_datasets(
     test_split: float = 0.0,
     seed: int = 0,
     download: Optional[bool] = None,
+    random_erasing: float = 0.0,
 ) -> DataSplits:
     """Train (augmented), val and test (eval transform) splits plus class names for `dataset`.
 
@@ -379,7 +390,7 @@ def build_datasets(
     if dataset not in DATASETS:
         raise FinetuneError(f"dataset: unknown value {dataset!r}; expected one of {', '.join(DATASETS)}")
     transforms = (
-        build_transforms(data_config, img_size, augment, train=True),
+        build_transforms(data_config, img_size, augment, train=True, random_erasing=random_erasing),
         build_transforms(data_config, img_size, augment, train=False),
     )
     if dataset == "imagefolder":

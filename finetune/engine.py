@@ -36,7 +36,7 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from . import data as data_lib
-from . import distributed, rundir
+from . import distributed, methods, rundir
 from .checkpoints import model_meta, save_checkpoint
 from .errors import FinetuneError
 from .evaluation import autocast, build_splits, evaluate
@@ -72,6 +72,7 @@ class RunInterrupted(FinetuneError):
 class Progress:
     """Where a run stands; committed with the weights at every resume point."""
     epoch: int = 0                       # epochs finished
+    steps: int = 0                       # optimizer steps taken (the EMA's warmup clock)
     best: List[Dict[str, Any]] = field(default_factory=list)
     bad_epochs: int = 0
     metrics: List[Dict[str, Any]] = field(default_factory=list)
@@ -94,12 +95,21 @@ def train(recipe: Recipe, out_dir: Optional[str] = None, resume: Optional[str] =
 
 def _train(recipe: Recipe, run_dir: Path, resuming: bool, progress: bool, rank: int, world_size: int,
            device: torch.device, stop: "StopSignals") -> RunResult:
+    stored_recipe = recipe  # recipe.yaml keeps `auto`; checkpoints record what it resolved to
     point = rundir.read_resume_point(run_dir) if resuming else None
     seed_everything(recipe.seed + rank)
     model, splits = _model_and_data(recipe, run_dir, point)
+    model = methods.prepare(model, recipe)
+    if point and "model" in point:
+        model.load_state_dict(point["model"])  # adapters included
     if recipe.grad_checkpointing:
         model.set_grad_checkpointing(True)
     model.to(device)
+    ema = methods.make_ema(model, recipe)
+    if ema is not None and point and point.get("ema") is not None:
+        ema.module.load_state_dict(point["ema"])
+    mixup = methods.make_mixup(recipe, len(splits.class_names))
+    recipe, chosen = resolve_auto_settings(recipe, model, device)
     train_model = distributed.wrap_ddp(model, device)
     multi = world_size > 1
     train_loader = data_lib.build_loader(splits.train, batch_size=recipe.batch_size, train=True,
@@ -110,11 +120,13 @@ def _train(recipe: Recipe, run_dir: Path, resuming: bool, progress: bool, rank: 
     optimizer = build_optimizer(recipe, model)
     scaler = torch.amp.GradScaler(device.type, enabled=recipe.precision == "fp16" and device.type == "cuda")
     state = _restore(point, run_dir, recipe, optimizer, scaler, rank) if point else Progress()
-    log = _open_log(run_dir, rank, recipe, state, resuming)
+    log = _open_log(run_dir, rank, stored_recipe, state, resuming)
     if rank == 0:
         say(f"run directory: {run_dir}  |  {len(splits.train)} train / {len(splits.val)} val images, "
             f"{len(splits.class_names)} classes, {_device_name(device)} x{world_size}"
             + (f"  |  resumed after epoch {state.epoch}" if point else ""))
+        say(methods.describe(model, recipe))
+        say(chosen)
 
     status = "finished"
     try:
@@ -124,20 +136,28 @@ def _train(recipe: Recipe, run_dir: Path, resuming: bool, progress: bool, rank: 
             data_lib.set_epoch(train_loader, epoch, skip_batches=partial["batches"] if partial else 0)
             stats = train_one_epoch(train_model, train_loader, optimizer, scaler, recipe=recipe, epoch=epoch,
                                     device=device, progress=progress and rank == 0, resume_from=partial,
-                                    stop=stop)
+                                    stop=stop, ema=ema, mixup=mixup, first_step=state.steps)
+            state.steps += stats["steps"]
             if stats.get("stopped"):
                 state.in_epoch = {k: stats[k] for k in ("epoch", "batches", "loss_sum", "images", "time_s")}
-                _commit(run_dir, model, optimizer, scaler, state, recipe, rank, epoch_done=False)
+                _commit(run_dir, model, ema, optimizer, scaler, state, recipe, rank, epoch_done=False)
                 raise _interrupted(log, run_dir, epoch, stop.signum)
             val = evaluate(model, val_loader, device=device, precision=recipe.precision)
             row = {"epoch": epoch, "train_loss": stats["loss"], "val_loss": val["loss"], "val_top1": val["top1"],
                    "val_top5": val["top5"], "lr": lr, "images_per_s": stats["images_per_s"],
                    "time_s": stats["time_s"]}
-            improved = not state.best or val["top1"] > max(b["val_top1"] for b in state.best)
+            candidates = [_candidate(epoch, val, "raw")]
+            if ema is not None:
+                ema_val = evaluate(ema.module, val_loader, device=device, precision=recipe.precision)
+                row.update(ema_val_loss=ema_val["loss"], ema_val_top1=ema_val["top1"], ema_val_top5=ema_val["top5"])
+                candidates.append(_candidate(epoch, ema_val, "ema"))
+            score = max(c["val_top1"] for c in candidates)
+            improved = not state.best or score > max(b["val_top1"] for b in state.best)
             state.epoch, state.metrics = epoch, state.metrics + [row]
             state.bad_epochs = 0 if improved else state.bad_epochs + 1
-            previous_best, state.best = state.best, rundir.rank_best(state.best, epoch, val["top1"], recipe.keep_best)
-            _commit(run_dir, model, optimizer, scaler, state, recipe, rank, epoch_done=True, previous=previous_best)
+            previous_best, state.best = state.best, rundir.rank_best(state.best, candidates, recipe.keep_best)
+            _commit(run_dir, model, ema, optimizer, scaler, state, recipe, rank, epoch_done=True,
+                    previous=previous_best)
             if rank == 0:
                 log.epoch(row)
                 say(epoch_line(row))
@@ -174,6 +194,31 @@ def _train(recipe: Recipe, run_dir: Path, resuming: bool, progress: bool, rank: 
                      run_dir / best["path"] if best else None, status, test)
 
 
+def resolve_auto_settings(recipe: Recipe, model, device: torch.device):
+    """The recipe with `precision: auto` and `attention: auto` resolved for this model on this
+    device, and a log line saying what was chosen and why."""
+    precision, why = _auto_precision(device) if recipe.precision == "auto" else (recipe.precision, "as the recipe says")
+    attention = "fused" if recipe.attention == "auto" else recipe.attention
+    for block in model.blocks:
+        block.attn.fused_attn = attention == "fused"
+    return (with_changes(recipe, precision=precision, attention=attention),
+            f"precision {precision} ({why}), attention {attention}")
+
+
+def _auto_precision(device: torch.device):
+    if device.type == "cuda":
+        return ("bf16", "CUDA with bf16") if torch.cuda.is_bf16_supported() else ("fp32", "CUDA without bf16")
+    flags = Path("/proc/cpuinfo").read_text().split() if Path("/proc/cpuinfo").is_file() else []
+    if "amx_bf16" in flags or "avx512_bf16" in flags:
+        return "bf16", "the CPU has AMX or AVX-512 BF16"
+    return "fp32", "the CPU has neither AMX nor AVX-512 BF16"
+
+
+def _candidate(epoch: int, scores: Dict[str, Any], weights: str) -> Dict[str, Any]:
+    return {"epoch": epoch, "path": rundir.epoch_checkpoint_name(epoch, weights), "val_top1": scores["top1"],
+            "weights": weights}
+
+
 def _model_and_data(recipe: Recipe, run_dir: Path, point: Optional[Dict[str, Any]]):
     """The model to train (from the resume point, or the pretrained weights) and the data splits."""
     if point is None:
@@ -183,9 +228,7 @@ def _model_and_data(recipe: Recipe, run_dir: Path, point: Optional[Dict[str, Any
         return model_from_pretrained(pretrained, len(splits.class_names), img_size, splits.class_names), splits
     if "model" in point:
         meta = json.loads(point["model_meta"])
-        model = model_from_pretrained(Pretrained(point["model"], meta["arch"], meta["num_classes"], meta["img_size"],
-                                                 meta["data_config"], meta["source"], meta["class_names"],
-                                                 extra=meta))
+        model = _model_from_point(point)
     else:  # a run directory of finetune 0.1: the weights of the resume point are last.safetensors
         model = load_model(str(run_dir / rundir.LAST))
     info = model.finetune_info
@@ -223,10 +266,12 @@ def _interrupted(log: "RunLog", run_dir: Path, epoch: int, signum: Optional[int]
 # ============================================================================ one epoch, evaluation
 def train_one_epoch(model, loader, optimizer, scaler, *, recipe: Recipe, epoch: int, device: torch.device,
                     progress: bool = True, resume_from: Optional[Dict[str, Any]] = None,
-                    stop: Optional["StopSignals"] = None) -> Dict[str, Any]:
+                    stop: Optional["StopSignals"] = None, ema=None, mixup=None, first_step: int = 0
+                    ) -> Dict[str, Any]:
     """One pass over `loader` (from where `resume_from` stopped) with gradient accumulation,
-    clipping and autocast. The host waits on the device once per optimizer step, to check the
-    loss before the step and to agree with the other processes on stopping."""
+    clipping, autocast, Mixup/CutMix and the EMA update. The host waits on the device once per
+    optimizer step, to check the loss before the step and to agree with the other processes on
+    stopping."""
     model.train()
     precision = autocast(device, recipe.precision)
     accum = recipe.grad_accum
@@ -241,7 +286,8 @@ def train_one_epoch(model, loader, optimizer, scaler, *, recipe: Recipe, epoch: 
     bar = tqdm(loader, total=total, desc=f"epoch {epoch}/{recipe.epochs}", disable=None if progress else True,
                leave=False, unit="batch")
     optimizer.zero_grad(set_to_none=True)
-    micro, stopped = 0, False
+    micro, steps, stopped = 0, 0, False
+    mixing = mixup is not None and methods.mixup_active(recipe, epoch)
     for batch_images, labels in bar:
         if micro == total:
             break
@@ -251,7 +297,7 @@ def train_one_epoch(model, loader, optimizer, scaler, *, recipe: Recipe, epoch: 
         batch_images, labels, weight = _usable_batch(batch_images, labels, model, device)
         with (contextlib.nullcontext() if last_of_group or not hasattr(model, "no_sync") else model.no_sync()):
             with precision:
-                loss = F.cross_entropy(model(batch_images), labels, label_smoothing=recipe.label_smoothing)
+                loss = _loss(model, batch_images, labels, recipe, mixup if mixing and weight else None)
             share = _share_of_global_batch(labels.numel() * weight, device)
             scaler.scale(loss * share / group_size).backward()
         loss = loss.detach()
@@ -267,6 +313,9 @@ def train_one_epoch(model, loader, optimizer, scaler, *, recipe: Recipe, epoch: 
             raise FinetuneError(f"training diverged: loss is {loss.item()} at epoch {epoch} batch {done + micro}")
         if flags[2] > 0:  # a group in which every image was unreadable does not step
             _optimizer_step(model, optimizer, scaler, recipe.clip_grad)
+            steps += 1
+            if ema is not None:
+                ema.update(getattr(model, "module", model), step=first_step + steps)
         optimizer.zero_grad(set_to_none=True)
         group_images = 0
         pause_point("step")
@@ -279,10 +328,19 @@ def train_one_epoch(model, loader, optimizer, scaler, *, recipe: Recipe, epoch: 
     elapsed = elapsed_before + time.perf_counter() - start
     if stopped:
         return {"stopped": True, "epoch": epoch, "batches": done + micro, "loss_sum": loss_sum.detach().cpu(),
-                "images": images, "time_s": elapsed}
+                "images": images, "time_s": elapsed, "steps": steps}
     totals = distributed.all_reduce(torch.stack([loss_sum.float(), torch.tensor(float(images), device=device)]))
     return {"loss": (totals[0] / totals[1].clamp(min=1)).item(), "images_per_s": totals[1].item() / max(elapsed, 1e-9),
-            "time_s": elapsed}
+            "time_s": elapsed, "steps": steps}
+
+
+def _loss(model, images: torch.Tensor, labels: torch.Tensor, recipe: Recipe, mixup) -> torch.Tensor:
+    """Cross-entropy with label smoothing; with Mixup/CutMix (timm's, whose soft targets carry the
+    smoothing) on batches of an even size, as its pairing needs; an odd last batch is not mixed."""
+    if mixup is not None and len(labels) % 2 == 0:
+        images, targets = mixup(images, labels)
+        return methods.soft_target_loss(model(images), targets)
+    return F.cross_entropy(model(images), labels, label_smoothing=recipe.label_smoothing)
 
 
 def _usable_batch(images: torch.Tensor, labels: torch.Tensor, model, device: torch.device):
@@ -324,9 +382,9 @@ def build_optimizer(recipe: Recipe, model) -> torch.optim.Optimizer:
     o = recipe.optimizer
     extra = {"momentum": o.momentum} if o.name == "sgd" else {}
     optimizer = create_optimizer_v2(model, opt=TIMM_OPTIMIZERS[o.name], lr=o.lr, weight_decay=o.weight_decay,
-                                    **extra)
-    for group in optimizer.param_groups:
-        group["initial_lr"] = group["lr"]
+                                    layer_decay=o.layer_decay, **extra)
+    for group in optimizer.param_groups:  # timm leaves the layer-decay factor to its scheduler
+        group["initial_lr"] = group["lr"] * group.get("lr_scale", 1.0)
     return optimizer
 
 
@@ -354,20 +412,24 @@ def set_epoch_lr(optimizer, recipe: Recipe, epoch: int) -> float:
 
 
 # =================================================================================== resume point
-def _commit(run_dir: Path, model, optimizer, scaler, state: Progress, recipe: Recipe, rank: int,
+def _commit(run_dir: Path, model, ema, optimizer, scaler, state: Progress, recipe: Recipe, rank: int,
             epoch_done: bool, previous: Optional[List[Dict[str, Any]]] = None) -> None:
     """The transaction at the end of an epoch (or of an interrupted one): a ranked epoch's
-    checkpoint, then the resume point (the commit), then the files derived from it."""
+    checkpoints, then the resume point (the commit), then the files derived from it."""
     rngs = distributed.gather_object(_rng_state())  # every process's, so DDP resumes exactly too
     if rank != 0:
         return
     meta = dict(epoch=state.epoch, metrics=_checkpoint_metrics(state), recipe=recipe_to_dict(recipe))
-    if epoch_done and any(b["epoch"] == state.epoch for b in state.best):
-        save_checkpoint(run_dir / rundir.epoch_checkpoint_name(state.epoch), model, **meta)
+    for entry in state.best if epoch_done else []:
+        if entry["epoch"] == state.epoch:
+            weights = ema.module if entry.get("weights") == "ema" else model
+            save_checkpoint(run_dir / entry["path"], weights, state=methods.plain_state(weights),
+                            **dict(meta, metrics={**meta["metrics"], "val_top1": entry["val_top1"]}))
     pause_point("before-commit")
     rundir.write_resume_point(run_dir, {
-        "epoch": state.epoch, "in_epoch": state.in_epoch, "best": state.best, "bad_epochs": state.bad_epochs,
-        "metrics": state.metrics, "model": {k: v.detach().cpu() for k, v in model.state_dict().items()},
+        "epoch": state.epoch, "steps": state.steps, "in_epoch": state.in_epoch, "best": state.best,
+        "bad_epochs": state.bad_epochs, "metrics": state.metrics, "model": _cpu_state(model),
+        "ema": _cpu_state(ema.module) if ema is not None else None,
         "model_meta": json.dumps(model_meta(model)), "optimizer": optimizer.state_dict(),
         "scaler": scaler.state_dict(), "rng": rngs})
     pause_point("after-commit")
@@ -375,9 +437,21 @@ def _commit(run_dir: Path, model, optimizer, scaler, state: Progress, recipe: Re
         _derive_files(run_dir, model, state, recipe, meta, previous or [])
 
 
+def _cpu_state(module) -> Dict[str, torch.Tensor]:
+    return {k: v.detach().cpu() for k, v in module.state_dict().items()}
+
+
+def _model_from_point(point: Dict[str, Any]):
+    """The plain ViT of a resume point (base weights, adapters left out: the caller adds them back)."""
+    meta = json.loads(point["model_meta"])
+    return model_from_pretrained(Pretrained(methods.unadapted_state(point["model"]), meta["arch"], meta["num_classes"],
+                                            meta["img_size"], meta["data_config"], meta["source"], meta["class_names"],
+                                            extra=meta))
+
+
 def _derive_files(run_dir: Path, model, state: Progress, recipe: Recipe, meta: Dict[str, Any],
                   previous: List[Dict[str, Any]]) -> None:
-    save_checkpoint(run_dir / rundir.LAST, model, **meta)
+    save_checkpoint(run_dir / rundir.LAST, model, state=methods.plain_state(model), **meta)
     pause_point("after-last")
     rundir.write_metrics(run_dir, state.metrics)
     rundir.write_best_index(run_dir, recipe.keep_best, state.best)
@@ -402,7 +476,8 @@ def _restore(point: Dict[str, Any], run_dir: Path, recipe: Recipe, optimizer, sc
     metrics = point.get("metrics")
     if metrics is None:  # finetune 0.1 kept the rows only in metrics.jsonl
         metrics = [r for r in rundir.read_metrics(run_dir) if r.get("epoch", 0) <= point["epoch"]]
-    state = Progress(point["epoch"], point["best"], point["bad_epochs"], metrics, point.get("in_epoch"))
+    state = Progress(point["epoch"], point.get("steps", 0), point["best"], point["bad_epochs"], metrics,
+                     point.get("in_epoch"))
     if rank == 0:
         _repair(run_dir, state, recipe)
     distributed.barrier()
@@ -418,11 +493,15 @@ def _repair(run_dir: Path, state: Progress, recipe: Recipe) -> None:
     last = run_dir / rundir.LAST
     if state.in_epoch is None and state.epoch and (not last.is_file() or read_meta(last).get("epoch") != state.epoch):
         point = rundir.read_resume_point(run_dir)
-        meta = json.loads(point["model_meta"])
-        model = model_from_pretrained(Pretrained(point["model"], meta["arch"], meta["num_classes"], meta["img_size"],
-                                                 meta["data_config"], meta["source"], meta["class_names"], extra=meta))
-        save_checkpoint(last, model, epoch=state.epoch, metrics=_checkpoint_metrics(state),
-                        recipe=rundir.read_recipe(run_dir))
+        model = _model_from_point(point)
+        save_checkpoint(last, model, state=methods.plain_state(_adapted(model, point, recipe)), epoch=state.epoch,
+                        metrics=_checkpoint_metrics(state), recipe=rundir.read_recipe(run_dir))
+
+
+def _adapted(model, point: Dict[str, Any], recipe: Recipe):
+    model = methods.prepare(model, recipe)
+    model.load_state_dict(point["model"])
+    return model
 
 
 def _rng_state() -> Dict[str, Any]:

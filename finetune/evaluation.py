@@ -73,7 +73,8 @@ def build_splits(recipe: Recipe, img_size: int, data_config: Dict[str, Any], aug
     root = resolve_path(recipe, recipe.data.root) if recipe.data.root else None
     return data_lib.build_datasets(recipe.data.dataset, root, img_size=img_size, data_config=data_config,
                                    augment=augment or recipe.data.augment, val_split=recipe.data.val_split,
-                                   test_split=recipe.data.test_split, seed=recipe.seed)
+                                   test_split=recipe.data.test_split, seed=recipe.seed,
+                                   random_erasing=recipe.data.random_erasing)
 
 
 def split_loader(recipe: Recipe, model, split: str = "val", batch_size: Optional[int] = None):

@@ -29,13 +29,15 @@ import yaml
 
 from .errors import FinetuneError
 
-Precision = Literal["fp32", "bf16", "fp16"]
+Precision = Literal["auto", "fp32", "bf16", "fp16"]
+Attention = Literal["auto", "fused", "explicit"]
 OptimizerName = Literal["sgd", "adamw"]
 ScheduleName = Literal["step", "cosine", "none"]
 Dataset = Literal["imagefolder", "oxford_pets", "cifar10", "cifar100", "flowers102", "digits"]
 Augment = Literal["none", "flip", "affine", "crop_flip", "randaugment"]
 
 PRECISIONS = get_args(Precision)
+ATTENTIONS = get_args(Attention)
 OPTIMIZERS = get_args(OptimizerName)
 SCHEDULES = get_args(ScheduleName)
 DATASETS = get_args(Dataset)
@@ -71,6 +73,7 @@ class OptimizerConfig:
     lr: float = bounded(0.01, gt=0)  # peak learning rate
     momentum: float = bounded(0.9, ge=0, lt=1)  # SGD momentum (adamw ignores it)
     weight_decay: float = bounded(0.0, ge=0)
+    layer_decay: Optional[float] = bounded(None, gt=0, le=1)  # layer-wise lr decay (BEiT: 0.65-0.85)
 
 
 @dataclass
@@ -91,6 +94,30 @@ class DataConfig:
     balanced: bool = False  # class-balanced sampling of the training set
     workers: int = bounded(2, ge=0)  # DataLoader worker processes
     augment: Augment = "flip"  # affine = shift/rotate, no mirror (for digits)
+    random_erasing: float = bounded(0.0, ge=0, le=1)  # probability of timm's RandomErasing per image
+
+
+@dataclass
+class ModelEmaConfig:
+    decay: float = bounded(0.0, ge=0, lt=1)  # EMA of the weights per optimizer step; 0 = off
+    warmup: bool = False  # timm's decay warmup (1 - (1 + step) ** -2/3, capped at decay)
+
+
+@dataclass
+class MixupConfig:  # timm.data.Mixup; on when either alpha > 0
+    mixup_alpha: float = bounded(0.0, ge=0)
+    cutmix_alpha: float = bounded(0.0, ge=0)
+    prob: float = bounded(1.0, ge=0, le=1)  # probability of mixing a batch
+    switch_prob: float = bounded(0.5, ge=0, le=1)  # of cutmix instead of mixup, when both are on
+    off_epoch: Optional[int] = bounded(None, ge=1)  # from this epoch on, no mixing; null = never off
+
+
+@dataclass
+class LoraConfig:  # peft LoRA adapters; on when rank > 0; the head trains in full
+    rank: int = bounded(0, ge=0)
+    alpha: float = bounded(16.0, gt=0)
+    dropout: float = bounded(0.0, ge=0, lt=1)
+    targets: str = "qkv,fc1,fc2"  # comma-separated names of the linear layers to adapt
 
 
 @dataclass
@@ -100,7 +127,8 @@ class Recipe:
     img_size: Optional[int] = bounded(None, ge=1)  # training resolution; null = the weights' own
     epochs: int = bounded(10, ge=1)
     batch_size: int = bounded(32, ge=1)  # images per forward pass, over all DDP processes
-    precision: Precision = "fp32"  # autocast dtype; fp16 adds a grad scaler
+    precision: Precision = "auto"  # autocast dtype; auto = bf16 where the device has it, else fp32
+    attention: Attention = "auto"  # auto = the faster kernel for this model on this device, measured
     seed: int = bounded(0, ge=0)  # seeds torch, numpy, python and the data split
     keep_best: int = bounded(3, ge=1)  # how many best checkpoints to keep (and average)
     early_stop_patience: Optional[int] = bounded(None, ge=0)  # epochs w/o val gain; 0/null = off
@@ -108,10 +136,16 @@ class Recipe:
     clip_grad: Optional[float] = bounded(None, gt=0)  # max gradient norm; null = no clipping
     label_smoothing: float = bounded(0.0, ge=0, lt=1)
     grad_checkpointing: bool = False  # recompute activations in backward to save memory
+    drop_path: float = bounded(0.0, ge=0, lt=1)  # stochastic depth, rising linearly over the blocks
+    dropout: float = bounded(0.0, ge=0, lt=1)  # embedding, projection, MLP, head; not attention probs
+    freeze: str = "none"  # none | backbone (train the head only) | blocks:N (the first N frozen)
     max_steps_per_epoch: Optional[int] = bounded(None, ge=1)  # step cap per epoch (smoke tests)
     optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
     schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
     data: DataConfig = field(default_factory=DataConfig)
+    model_ema: ModelEmaConfig = field(default_factory=ModelEmaConfig)
+    mixup: MixupConfig = field(default_factory=MixupConfig)
+    lora: LoraConfig = field(default_factory=LoraConfig)
     # Where the recipe came from (a file path or "<dict>"): not a recipe key, never serialised
     # nor compared; `resolve_path` uses it to find the repo root.
     source: str = field(default="<dict>", compare=False, repr=False)
@@ -294,6 +328,11 @@ def _check_consistency(recipe: Recipe, ctx: _Context) -> None:
         raise ctx.fail(
             "data.root", "is required when data.dataset is imagefolder (a folder of class folders)"
         )
+    if not re.fullmatch(r"none|backbone|blocks:\d+", recipe.freeze):
+        raise ctx.fail("freeze", f"{_show(recipe.freeze)} is not none, backbone or blocks:N (N an integer)")
+    if recipe.freeze != "none" and recipe.lora.rank:
+        raise ctx.fail("freeze", "and lora.rank > 0 both choose what trains; LoRA already freezes the backbone "
+                       "but its adapters: set one of them")
 
 
 def _check_warmup(recipe: Recipe, ctx: _Context) -> None:

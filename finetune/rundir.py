@@ -7,6 +7,7 @@
     last.safetensors  the model after the latest finished epoch, + last.state.pt beside it
                       (optimizer, scheduler, RNG, early-stopping state) for --resume
     epoch-NNN.safetensors   the `keep_best` best epochs by val top-1, indexed by best.json
+                      (epoch-NNN-ema.safetensors: the EMA weights of that epoch, ranked alike)
     best.json         {"metric": "val_top1", "keep": K, "checkpoints": [{"epoch", "path", "val_top1"}]}
     status.json       {"state": running | finished | stopped_early | failed | interrupted, "pid", ...};
                       a `running` run whose writer has died reads back as `crashed`
@@ -50,7 +51,7 @@ TENSORBOARD = "tb"
 LOCK = "run.lock"
 SPLITS = ("val", "test")
 RESUME_FORMAT = "finetune.resume/2"
-EPOCH_CHECKPOINT = re.compile(r"^epoch-(\d+)\.safetensors$")
+EPOCH_CHECKPOINT = re.compile(r"^epoch-(\d+)(-ema)?\.safetensors$")
 TEMPORARY = re.compile(r"^\..+\.tmp$")  # what checkpoints.atomic_write leaves if killed mid-write
 
 
@@ -207,14 +208,15 @@ def write_json(path: Path, document: Any) -> Path:
     return atomic_write(path, lambda tmp: Path(tmp).write_text(text))
 
 
-def rank_best(best: List[Dict[str, Any]], epoch: int, val_top1: float, keep: int) -> List[Dict[str, Any]]:
-    """The `keep` best epochs by val top-1 (earlier epoch first on ties), this one included if it ranks."""
-    candidate = {"epoch": epoch, "path": epoch_checkpoint_name(epoch), "val_top1": val_top1}
-    return sorted(best + [candidate], key=lambda b: (-b["val_top1"], b["epoch"]))[:keep]
+def rank_best(best: List[Dict[str, Any]], candidates: List[Dict[str, Any]], keep: int) -> List[Dict[str, Any]]:
+    """The `keep` best checkpoints by val top-1 (earlier epoch, then raw before EMA, first on ties)
+    among the kept ones and this epoch's candidates ({"epoch", "path", "val_top1", "weights"})."""
+    return sorted(best + candidates, key=lambda b: (-b["val_top1"], b["epoch"], b.get("weights") == "ema"))[:keep]
 
 
-def epoch_checkpoint_name(epoch: int) -> str:
-    return f"epoch-{epoch:03d}.safetensors"
+def epoch_checkpoint_name(epoch: int, weights: str = "raw") -> str:
+    """epoch-007.safetensors, or epoch-007-ema.safetensors for the EMA weights of that epoch."""
+    return f"epoch-{epoch:03d}{'-ema' if weights == 'ema' else ''}.safetensors"
 
 
 def write_best_index(run_dir: Path, keep: int, kept: List[Dict[str, Any]]) -> Path:
