@@ -95,8 +95,9 @@ def export_cmd(checkpoint: str, out: str, layout: str, force: bool) -> None:
               help="Continue the run in this directory from its last finished epoch.")
 @click.option("--no-progress", is_flag=True, help="No progress bars (logs only).")
 @click.option("--force", is_flag=True, help="Write into a non-empty --out that is not a run directory.")
+@click.option("--no-pictures", is_flag=True, help="Do not write curves.png and confusion.png at the end.")
 def train_cmd(recipe: Optional[str], overrides: Sequence[str], out: Optional[str], resume: Optional[str],
-              no_progress: bool, force: bool) -> None:
+              no_progress: bool, force: bool, no_pictures: bool) -> None:
     """Fine-tune as RECIPE (a name in recipes/ or a .yaml path) says.
 
     SIGINT (Ctrl-C) or SIGTERM finishes the current step, saves a resume point and exits
@@ -113,15 +114,19 @@ def train_cmd(recipe: Optional[str], overrides: Sequence[str], out: Optional[str
         result = train_recipe(recipe, overrides, out_dir=out, progress=not no_progress, force=force)
     else:
         raise FinetuneError("train: give a RECIPE (e.g. pets37, demo, or a .yaml path) or --resume RUN_DIR")
-    _print_result(result)
+    _print_result(result, pictures=not no_pictures)
 
 
-def _print_result(result) -> None:
+def _print_result(result, pictures: bool = True) -> None:
     if int(os.environ.get("RANK", "0")) != 0:
         return
     test = f", test top-1 {result.test['top1']:.4f}" if result.test else ""
     click.echo(f"run: {result.run_dir}  ({result.status})")
     click.echo(f"best val top-1 {result.best_val_top1:.4f} at epoch {result.best_epoch}{test}: {result.best_checkpoint}")
+    if pictures and result.best_checkpoint:
+        from .viz import write_run_pictures
+        for path in write_run_pictures(result.run_dir):
+            click.echo(f"picture: {path}")
 
 
 @cli.command("eval")
@@ -211,6 +216,72 @@ def compare_cmd(inputs, runs_dir, fmt, sort, do_eval, split, device) -> None:
             click.echo(f"{done['name']}: {message}", err=True)  # stdout stays a clean table/CSV/JSON
         rows = collect_rows(inputs, runs_dir)
     click.echo(format_table(rows, fmt, sort))
+
+
+# ----------------------------------------------------------------------------------------- viz
+@cli.group("viz")
+def viz_group() -> None:
+    """Pictures of a model: attention maps, position embeddings, confusion, t-SNE, curves."""
+
+
+@viz_group.command("attention")
+@click.argument("checkpoint", type=click.Path(dir_okay=False))
+@click.argument("images", nargs=-1, required=True, type=click.Path(dir_okay=False))
+@click.option("-o", "--out", "out_dir", required=True, type=click.Path(file_okay=False),
+              help="Folder for the pictures (one PNG per image).")
+@click.option("--method", type=click.Choice(("rollout", "last")), default="rollout", show_default=True,
+              help="rollout: attention rollout through all layers; last: the last layer's CLS row.")
+@click.option("--style", type=click.Choice(("overlay", "mask")), default="overlay", show_default=True,
+              help="overlay: heat map over the image; mask: the image multiplied by the map.")
+@device_option
+def viz_attention_cmd(checkpoint: str, images: Sequence[str], out_dir: str, method: str, style: str,
+                      device: Optional[str]) -> None:
+    """Where CHECKPOINT looks in each IMAGE, with its prediction."""
+    from .viz import write_attention_figures
+    for path in write_attention_figures(checkpoint, images, out_dir, method=method, style=style, device=device):
+        click.echo(str(path))
+
+
+@viz_group.command("posembed")
+@click.argument("checkpoint", type=click.Path(dir_okay=False))
+@click.option("-o", "--out", required=True, type=click.Path(dir_okay=False), help="Output PNG.")
+def viz_posembed_cmd(checkpoint: str, out: str) -> None:
+    """Cosine similarity of each patch's position embedding with every other patch's."""
+    from .viz import write_posembed_figure
+    click.echo(str(write_posembed_figure(checkpoint, out)))
+
+
+@viz_group.command("confusion")
+@click.argument("run_or_ckpt", type=click.Path())
+@click.option("--split", type=click.Choice(SPLITS), default="val", show_default=True)
+@click.option("--recipe", default=None, help="Recipe for the data (default: the one stored in the checkpoint).")
+@click.option("-o", "--out", required=True, type=click.Path(dir_okay=False), help="Output PNG.")
+@device_option
+def viz_confusion_cmd(run_or_ckpt: str, split: str, recipe: Optional[str], out: str, device: Optional[str]) -> None:
+    """Confusion matrix and per-class accuracy (a run directory means its best checkpoint)."""
+    from .viz import write_confusion_figure
+    click.echo(str(write_confusion_figure(run_or_ckpt, out, split=split, recipe=recipe, device=device)))
+
+
+@viz_group.command("tsne")
+@click.argument("run_or_ckpt", type=click.Path())
+@click.option("--split", type=click.Choice(SPLITS), default="val", show_default=True)
+@click.option("--recipe", default=None, help="Recipe for the data (default: the one stored in the checkpoint).")
+@click.option("-o", "--out", required=True, type=click.Path(dir_okay=False), help="Output PNG.")
+@device_option
+def viz_tsne_cmd(run_or_ckpt: str, split: str, recipe: Optional[str], out: str, device: Optional[str]) -> None:
+    """t-SNE of the split's pre-head (CLS) features, coloured by class."""
+    from .viz import write_tsne_figure
+    click.echo(str(write_tsne_figure(run_or_ckpt, out, split=split, recipe=recipe, device=device)))
+
+
+@viz_group.command("curves")
+@click.argument("run_dirs", nargs=-1, required=True, type=click.Path(file_okay=False))
+@click.option("-o", "--out", required=True, type=click.Path(dir_okay=False), help="Output PNG.")
+def viz_curves_cmd(run_dirs: Sequence[str], out: str) -> None:
+    """Loss and val top-1 per epoch of one or more runs, on one figure."""
+    from .viz import write_curves_figure
+    click.echo(str(write_curves_figure(run_dirs, out)))
 
 
 @cli.command("demo")

@@ -43,7 +43,7 @@ def env(**extra: str) -> Dict[str, str]:
 def train_command(out: Path, overrides: List[str], resume: bool = False) -> List[str]:
     head = ["train", "--resume", str(out)] if resume else ["train", "demo", "--out", str(out)]
     sets = [] if resume else [a for o in overrides for a in ("--set", o)]
-    return [sys.executable, "-m", "finetune", *head, "--no-progress", *sets]
+    return [sys.executable, "-m", "finetune", *head, "--no-progress", "--no-pictures", *sets]
 
 
 def run_to_end(out: Path, overrides: List[str], resume: bool = False, timeout: float = 300) -> subprocess.CompletedProcess:
