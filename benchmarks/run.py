@@ -8,7 +8,9 @@ from __future__ import annotations
 import subprocess
 import sys
 
-BENCHMARKS = ("benchmarks.bench_attention", "benchmarks.bench_soup_memory")
+# bench_engine: the engine's training step (B_16 at 384, batch 4, precision and attention "auto")
+# beside pytorch-pretrained-vit fp32, timm fp32 and timm bf16, with the issue-10 ratios (BENCHMARKS.md).
+BENCHMARKS = ("benchmarks.bench_engine", "benchmarks.bench_attention", "benchmarks.bench_soup_memory")
 
 
 def main() -> int:

@@ -15,6 +15,8 @@ import math
 import re
 from typing import Any, Dict, Tuple
 
+import torch
+
 from .checkpoints import StateDict
 from .errors import FinetuneError
 

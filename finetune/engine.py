@@ -36,7 +36,7 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from . import data as data_lib
-from . import distributed, methods, rundir
+from . import distributed, methods, rundir, speed
 from .checkpoints import model_meta, save_checkpoint
 from .errors import FinetuneError
 from .evaluation import autocast, build_splits, evaluate
@@ -117,7 +117,7 @@ def _train(recipe: Recipe, run_dir: Path, resuming: bool, progress: bool, rank: 
                                          seed=recipe.seed, distributed=multi)
     val_loader = data_lib.build_loader(splits.val, batch_size=recipe.batch_size, train=False,
                                        workers=recipe.data.workers, distributed=multi)
-    optimizer = build_optimizer(recipe, model)
+    optimizer = build_optimizer(recipe, model, device)
     scaler = torch.amp.GradScaler(device.type, enabled=recipe.precision == "fp16" and device.type == "cuda")
     state = _restore(point, run_dir, recipe, optimizer, scaler, rank) if point else Progress()
     log = _open_log(run_dir, rank, stored_recipe, state, resuming)
@@ -196,22 +196,11 @@ def _train(recipe: Recipe, run_dir: Path, resuming: bool, progress: bool, rank: 
 
 def resolve_auto_settings(recipe: Recipe, model, device: torch.device):
     """The recipe with `precision: auto` and `attention: auto` resolved for this model on this
-    device, and a log line saying what was chosen and why."""
-    precision, why = _auto_precision(device) if recipe.precision == "auto" else (recipe.precision, "as the recipe says")
-    attention = "fused" if recipe.attention == "auto" else recipe.attention
-    for block in model.blocks:
-        block.attn.fused_attn = attention == "fused"
+    device (`finetune.speed` holds the measured rules), and a log line saying what and why."""
+    precision, why_precision = speed.choose_precision(recipe.precision, device)
+    attention, why_attention = speed.choose_attention(model, device, precision, recipe.batch_size, recipe.attention)
     return (with_changes(recipe, precision=precision, attention=attention),
-            f"precision {precision} ({why}), attention {attention}")
-
-
-def _auto_precision(device: torch.device):
-    if device.type == "cuda":
-        return ("bf16", "CUDA with bf16") if torch.cuda.is_bf16_supported() else ("fp32", "CUDA without bf16")
-    flags = Path("/proc/cpuinfo").read_text().split() if Path("/proc/cpuinfo").is_file() else []
-    if "amx_bf16" in flags or "avx512_bf16" in flags:
-        return "bf16", "the CPU has AMX or AVX-512 BF16"
-    return "fp32", "the CPU has neither AMX nor AVX-512 BF16"
+            f"precision {precision} ({why_precision}); attention {attention} ({why_attention})")
 
 
 def _candidate(epoch: int, scores: Dict[str, Any], weights: str) -> Dict[str, Any]:
@@ -375,12 +364,14 @@ def _optimizer_step(model, optimizer, scaler, clip_grad: Optional[float]) -> Non
 TIMM_OPTIMIZERS = {"sgd": "momentum", "adamw": "adamw"}
 
 
-def build_optimizer(recipe: Recipe, model) -> torch.optim.Optimizer:
+def build_optimizer(recipe: Recipe, model, device: Optional[torch.device] = None) -> torch.optim.Optimizer:
     """timm's optimizer factory: no weight decay on biases, norms and the parameters the model
-    names in `no_weight_decay()` (cls_token, pos_embed, ...), as timm's train.py does."""
+    names in `no_weight_decay()` (cls_token, pos_embed, ...), as timm's train.py does; with a
+    `device`, torch's fused implementation where it has one (see speed.optimizer_kwargs)."""
     from timm.optim import create_optimizer_v2
     o = recipe.optimizer
     extra = {"momentum": o.momentum} if o.name == "sgd" else {}
+    extra.update(speed.optimizer_kwargs(device) if device is not None else {})
     optimizer = create_optimizer_v2(model, opt=TIMM_OPTIMIZERS[o.name], lr=o.lr, weight_decay=o.weight_decay,
                                     layer_decay=o.layer_decay, **extra)
     for group in optimizer.param_groups:  # timm leaves the layer-decay factor to its scheduler

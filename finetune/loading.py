@@ -193,6 +193,11 @@ def _fit_state_dict(p: Pretrained, model: VisionTransformer, replace_head: bool)
         state = {k: v for k, v in state.items() if not k.startswith("head.")}
     if "pos_embed" in state and state["pos_embed"].shape != model.pos_embed.shape:
         old_grid = p.img_size // model.patch_embed.patch_size[0]
+        prefix = 0 if model.no_embed_class else model.num_prefix_tokens
+        if state["pos_embed"].ndim != 3 or state["pos_embed"].shape[1] != old_grid * old_grid + prefix:
+            raise FinetuneError(f"{p.source}: the position embedding {tuple(state['pos_embed'].shape)} does not fit "
+                                f"img_size {p.img_size} with patch {model.patch_embed.patch_size[0]} ({old_grid}x{old_grid} "
+                                "patches); the metadata or the weights are wrong")
         state["pos_embed"] = resample_abs_pos_embed(
             state["pos_embed"], new_size=list(model.patch_embed.grid_size), old_size=[old_grid, old_grid],
             num_prefix_tokens=0 if model.no_embed_class else model.num_prefix_tokens,

@@ -18,7 +18,9 @@ from finetune.recipes import load_recipe
 
 from conftest import DEIT_WEIGHTS, HYMENOPTERA, REPO, require_shared
 
-FAST_DEMO = ["epochs=3", "schedule.warmup_epochs=0", "max_steps_per_epoch=4", "batch_size=32",
+# fp32: these tests compare arithmetic (DDP vs one process, accumulation vs a larger batch), which
+# bf16 autocast (precision auto on a CPU with AMX) would round differently.
+FAST_DEMO = ["epochs=3", "schedule.warmup_epochs=0", "max_steps_per_epoch=4", "batch_size=32", "precision=fp32",
              "model=scratch:patch_size=4,embed_dim=32,depth=2,num_heads=2,mlp_ratio=2"]
 
 
@@ -206,7 +208,9 @@ def test_pets37_recipe_runs_end_to_end_on_ppv_b16_and_pets_layout(tmp_path, offl
     meta = read_meta(tmp_path / "run" / "last.safetensors")
     assert result.status == "finished" and meta["img_size"] == 384 and meta["num_classes"] == 3
     assert meta["source"] == "ppv:B_16_imagenet1k" and meta["class_names"] == ["Abyssinian", "Basset Hound", "Bengal"]
-    assert meta["recipe"]["optimizer"] == {"name": "sgd", "lr": 0.002, "momentum": 0.9, "weight_decay": 0.0}
+    assert meta["recipe"]["optimizer"] == {"name": "sgd", "lr": 0.002, "momentum": 0.9, "weight_decay": 0.0,
+                                           "layer_decay": None}
+    assert meta["recipe"]["precision"] in ("fp32", "bf16") and meta["recipe"]["dropout"] == 0.1  # auto, resolved
     assert meta["data_config"]["mean"] == [0.5, 0.5, 0.5]
     assert json.loads((tmp_path / "run" / "results.json").read_text())["test"]["n"] == 6
 

@@ -84,7 +84,7 @@ def test_pets37_has_the_reference_numbers():
     assert r.schedule.warmup_epochs == 0
     assert r.keep_best == 3
     assert (r.data.dataset, r.data.root, r.data.augment) == ("oxford_pets", "data/", "flip")
-    assert r.precision == "fp32"
+    assert r.precision == "auto" and r.dropout == 0.1  # bf16 where the device has it; ppv's dropout
 
 
 def test_pets37_variants_differ_only_in_model_and_memory_settings():
@@ -242,7 +242,7 @@ def test_bad_enum_lists_the_choices():
 
 def test_enum_error_from_a_file(in_tmp):
     write_recipe(in_tmp, "x", "model: B_16\nprecision: fp64\ndata: {dataset: digits}\n")
-    assert error_of("x") == "recipes/x.yaml: precision: 'fp64' is not one of fp32, bf16, fp16"
+    assert error_of("x") == "recipes/x.yaml: precision: 'fp64' is not one of auto, fp32, bf16, fp16"
 
 
 def test_imagefolder_needs_a_root(in_tmp):
