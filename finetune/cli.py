@@ -218,6 +218,42 @@ def compare_cmd(inputs, runs_dir, fmt, sort, do_eval, split, device) -> None:
     click.echo(format_table(rows, fmt, sort))
 
 
+# --------------------------------------------------------------------------------------- bench
+@cli.command("bench")
+@click.option("--model", "model_ref", required=True,
+              help="Model ref (zoo name, ppv:/timm:/hf:/npz: ref, checkpoint, scratch:...). Uncached weights "
+                   "are replaced by random ones of the same architecture; nothing is downloaded.")
+@click.option("--img-size", type=click.IntRange(min=1), default=None,
+              help="Training resolution (default: the weights' own).")
+@click.option("--batch-size", type=click.IntRange(min=1), default=4, show_default=True,
+              help="Images per training step.")
+@click.option("--precision", type=click.Choice(["auto", "fp32", "bf16", "fp16"]), default="auto", show_default=True,
+              help="auto: bf16 where the device multiplies it fast (CUDA with bf16, a CPU with AMX), else fp32.")
+@click.option("--attention", type=click.Choice(["auto", "fused", "explicit"]), default="auto", show_default=True,
+              help="auto: fused on CUDA; on a CPU the faster kernel for this shape, timed at start.")
+@click.option("--device", default=None, help="cpu, cuda, cuda:N (default: CUDA when present, else the CPU).")
+@click.option("--steps", type=click.IntRange(min=1), default=3, show_default=True,
+              help="Timed rounds (each times every contender once); the median is reported.")
+@click.option("--warmup", type=click.IntRange(min=0), default=1, show_default=True, help="Untimed rounds first.")
+@click.option("--no-baselines", is_flag=True,
+              help="Time only the engine (skip pytorch-pretrained-vit fp32, timm fp32, timm bf16).")
+@click.option("--json", "as_json", is_flag=True, help="Machine-readable output: one JSON object.")
+def bench_cmd(model_ref: str, img_size: Optional[int], batch_size: int, precision: str, attention: str,
+              device: Optional[str], steps: int, warmup: int, no_baselines: bool, as_json: bool) -> None:
+    """Time the engine's training step for a model beside the hand-written baselines.
+
+    Reports images/s of the engine (the same step as `finetune train`, with the precision and
+    attention kernel it would choose), pytorch-pretrained-vit fp32, timm fp32 and timm bf16, their
+    ratios, FLOPs per image, MFU against a matmul peak measured on the spot, evaluation and
+    data-pipeline throughput and peak memory. Progress goes to stderr; the table or JSON to stdout.
+    """
+    from .bench import bench, format_bench
+    result = bench(model_ref, img_size=img_size, batch_size=batch_size, precision=precision, device=device,
+                   attention=attention, steps=steps, warmup=warmup, baselines=not no_baselines,
+                   log=lambda message: click.echo(message, err=True))
+    click.echo(json.dumps(result, indent=2) if as_json else format_bench(result))
+
+
 # ----------------------------------------------------------------------------------------- viz
 @cli.group("viz")
 def viz_group() -> None:
