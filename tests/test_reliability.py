@@ -461,3 +461,35 @@ def test_ddp_with_a_local_batch_of_only_unreadable_images(tmp_path):
 def test_ddp_grad_accum_3_with_20_batches(tmp_path):
     run = image_folder(tmp_path, {"a": 20, "b": 20})  # global batch 2: 20 batches, groups of 3 and a last of 2
     assert_identical(train_two_processes(tmp_path, run + ["batch_size=2", "grad_accum=3", "epochs=1"], port=29533))
+
+
+@pytest.mark.parametrize("bad", [{"num_classes": "three"}, {"img_size": [224]}, {"arch": "vit"},
+                                 {"class_names": [1, 2, 3]}, {"data_config": {"mean": "imagenet"}}])
+def test_checkpoint_metadata_of_wrong_types_is_a_one_line_error(tmp_path, capsys, bad):
+    from safetensors.torch import save_file
+    from finetune.checkpoints import model_meta
+    model = finetune_model()
+    meta = {**model_meta(model), **bad}
+    path = tmp_path / "odd.safetensors"
+    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(path),
+              metadata={"finetune": json.dumps(meta)})
+    with pytest.raises(SystemExit) as exit_info:
+        main(["info", str(path)])
+    err = capsys.readouterr().err
+    field = next(iter(bad))
+    assert exit_info.value.code == 2 and err.count("\n") == 1 and f"'{field}'" in err and "internal" not in err
+
+
+def test_an_npz_with_a_one_dimensional_patch_kernel_is_a_one_line_error(tmp_path, capsys):
+    import numpy as np
+    path = tmp_path / "flat.npz"
+    np.savez(path, **{"embedding/kernel": np.zeros(768, np.float32)})
+    with pytest.raises(SystemExit) as exit_info:
+        main(["info", f"npz:{path}"])
+    err = capsys.readouterr().err
+    assert exit_info.value.code == 2 and err.count("\n") == 1 and "embedding/kernel" in err and "4-D" in err
+
+
+def finetune_model():
+    from finetune.loading import load_model
+    return load_model("scratch:patch_size=8,embed_dim=16,depth=1,num_heads=2", num_classes=3, img_size=16)
