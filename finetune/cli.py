@@ -129,6 +129,43 @@ def _print_result(result, pictures: bool = True) -> None:
             click.echo(f"picture: {path}")
 
 
+@cli.command("sweep")
+@click.argument("recipe")
+@click.option("--grid", "grid", multiple=True, required=True, metavar="KEY=V1,V2,...",
+              help="A recipe key and its values (YAML scalars), repeatable: --grid optimizer.lr=0.001,0.003 "
+                   "--grid label_smoothing=0,0.1 runs every combination.")
+@click.option("--random", "random_trials", type=click.IntRange(min=1), default=None, metavar="N",
+              help="Run N combinations drawn from the grid (without replacement, seeded by --seed) instead of all.")
+@click.option("--seed", type=int, default=0, show_default=True, help="Seed of the --random draw.")
+@click.option("--out", default=None, help="Sweep directory (default runs/sweep-<recipe>); the same command "
+                                          "run again continues the sweep in it.")
+@click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE",
+              help="Override a recipe field in every trial (repeatable): --set epochs=3")
+@click.option("--launcher", default=None, metavar="COMMAND",
+              help="Run each trial as `COMMAND -m finetune train ...` in a subprocess, e.g. "
+                   "--launcher 'torchrun --nproc_per_node 8' (default: in this process).")
+@click.option("--no-progress", is_flag=True, help="No progress bars (logs only).")
+def sweep_cmd(recipe: str, grid: Sequence[str], random_trials: Optional[int], seed: int, out: Optional[str],
+              overrides: Sequence[str], launcher: Optional[str], no_progress: bool) -> None:
+    """Train RECIPE once per combination of --grid values, one ordinary run per trial under --out.
+
+    Trials run one after the other; the sweep directory's sweep.json records the grid and every
+    trial's overrides, run directory and state. Running the same command again skips finished
+    trials, resumes interrupted or crashed ones and trains the rest; another grid in the same
+    directory is refused. Ends with the comparison table of all trials. Soup them with
+    `finetune soup DIR --method greedy`.
+    """
+    from pathlib import Path
+    from .sweep import parse_grid, run_sweep, summary_lines
+    parsed = parse_grid(grid)
+    out = out or f"runs/sweep-{Path(recipe).stem}"
+    result = run_sweep(recipe, parsed, out, random_trials=random_trials, seed=seed, overrides=overrides,
+                       launcher=launcher, progress=not no_progress)
+    click.echo("\n" + result.table + "\n")
+    for line in summary_lines(result):
+        click.echo(line)
+
+
 @cli.command("eval")
 @click.argument("checkpoint", type=click.Path(dir_okay=False))
 @click.option("--recipe", default=None, help="Recipe for the data (default: the one stored in the checkpoint).")
@@ -167,21 +204,37 @@ def predict_cmd(checkpoint: str, images: Sequence[str], top_k: int, as_json: boo
 # ---------------------------------------------------------------------------------- soup, compare
 @cli.command("soup")
 @click.argument("ingredients", nargs=-1, required=True)
-@click.option("-o", "--out", default=None, help="Output .safetensors (default: soup.safetensors or "
-              "soup-greedy.safetensors beside the first ingredient).")
-@click.option("--method", type=click.Choice(("uniform", "greedy")), default="uniform", show_default=True)
+@click.option("-o", "--out", default=None, help="Output .safetensors (default: soup.safetensors, soup-greedy or "
+              "soup-wise.safetensors beside the first ingredient, or in the run/sweep directory given).")
+@click.option("--method", type=click.Choice(("uniform", "greedy", "wise")), default="uniform", show_default=True,
+              help="uniform: the mean; greedy: add ingredients best first while the selection score improves; "
+                   "wise: WiSE-FT, PRETRAINED_REF CHECKPOINT interpolated with each --alpha.")
 @click.option("--weights", default=None, help="Uniform only: comma-separated weights, one per ingredient.")
+@click.option("--alpha", "alphas", default=None, metavar="A1,A2,...",
+              help="wise: the alphas to try, 0 = the pretrained backbone, 1 = the fine-tune "
+                   "(default 0,0.25,0.5,0.75,1); the best on --split is written.")
 @click.option("--recipe", default=None, help="Recipe whose dataset scores the soup (default: the stored one).")
 @click.option("--split", type=click.Choice(SPLITS), default="val", show_default=True,
-              help="Split to score on (greedy selects on it).")
+              help="Split that greedy and wise select on (uniform: scores on); with val, the soup is also "
+                   "scored on test when the data has a test split.")
+@click.option("--allow-test-selection", is_flag=True,
+              help="Let greedy/wise select on --split test (their score there is then optimistic).")
 @click.option("--no-eval", "no_eval", is_flag=True, help="Uniform only: do not score the soup.")
 @click.option("--force", is_flag=True, help="Replace the output file if it exists.")
 @device_option
-def soup_cmd(ingredients, out, method, weights, recipe, split, no_eval, force, device) -> None:
-    """Average the weights of INGREDIENTS (checkpoints or run directories) into one checkpoint."""
-    from .soup import describe_soup, make_soup
+def soup_cmd(ingredients, out, method, weights, alphas, recipe, split, allow_test_selection, no_eval, force,
+             device) -> None:
+    """Average the weights of INGREDIENTS into one checkpoint.
+
+    INGREDIENTS are checkpoints, run directories (their best checkpoints) or a sweep directory
+    (every finished trial's best checkpoints, ranked by val top-1). With --method wise they are
+    PRETRAINED_REF CHECKPOINT: the weights the fine-tune started from (any model ref) and the
+    fine-tune (a checkpoint or run directory).
+    """
+    from .soup import describe_soup, make_soup, parse_alphas
     path = make_soup(ingredients, out=out, method=method, weights=_parse_weights(weights), recipe=recipe,
-                     split=split, evaluate=False if no_eval else None, device=device, force=force)
+                     split=split, evaluate=False if no_eval else None, device=device, force=force,
+                     alphas=parse_alphas(alphas), allow_test_selection=allow_test_selection)
     for line in describe_soup(path):
         click.echo(line)
 
@@ -321,11 +374,16 @@ def viz_curves_cmd(run_dirs: Sequence[str], out: str) -> None:
 
 
 @cli.command("demo")
-@click.option("--out", default=None, help="Run directory (default runs/demo-<timestamp>).")
-@click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE", help="Override a recipe field.")
+@click.option("--out", default=None, help="Demo folder, for its data and three runs (default runs/demo-<timestamp>).")
+@click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE",
+              help="Override a recipe field in all three stages, e.g. --set epochs=2 for a smoke test.")
 @click.option("--no-progress", is_flag=True, help="No progress bars (logs only).")
 def demo_cmd(out: Optional[str], overrides: Sequence[str], no_progress: bool) -> None:
-    """Offline demo: train a small ViT on scikit-learn's digits, soup the best 3, compare."""
+    """Offline demo: pretrain a small ViT on digits 0-4, fine-tune it on digits 5-9, soup, compare.
+
+    Stage 2 is also trained from scratch with the same recipe, to show what the pretrained weights
+    bought. About 1.5 minutes on 2 CPU cores; scikit-learn's bundled digits, no download.
+    """
     from .demo import run_demo
     result = run_demo(out, overrides, progress=not no_progress)
     click.echo("\n" + result.table + "\n")

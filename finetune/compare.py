@@ -52,7 +52,10 @@ def collect_rows(inputs: Optional[Iterable[str | os.PathLike]] = None, runs_dir:
     rows = []
     for item in inputs:
         path = Path(item)
-        if path.is_dir():
+        if path.is_dir() and rundir.is_folder_of_runs(path):  # a sweep's or demo's folder: its runs
+            rows.extend(collect_rows([p for p in sorted(path.iterdir()) if p.is_dir() and rundir.is_run_dir(p)]))
+            rows.extend(checkpoint_row(soup) for soup in sorted(path.glob("soup*.safetensors")))
+        elif path.is_dir():
             rows.append(run_row(path))
             rows.extend(checkpoint_row(soup) for soup in sorted(path.glob("soup*.safetensors")))
         elif path.is_file():

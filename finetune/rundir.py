@@ -60,6 +60,14 @@ def is_run_dir(path: Path) -> bool:
     return (Path(path) / RECIPE).is_file()
 
 
+def is_folder_of_runs(path: Path) -> bool:
+    """A folder that is not a run itself but holds run directories (a sweep's, a demo's, runs/)."""
+    path = Path(path)
+    if is_run_dir(path) or (path / BEST).is_file():
+        return False
+    return any(child.is_dir() and is_run_dir(child) for child in path.iterdir())
+
+
 def run_dirs(runs_dir: Path) -> List[Path]:
     """The run directories directly under `runs_dir` (hidden folders skipped)."""
     runs_dir = Path(runs_dir)

@@ -1,10 +1,13 @@
 """Model soups (Wortsman et al. 2022): average the weights of fine-tunes of one pretrained model.
 
     make_soup(["runs/pets37-20240101-120000"], method="greedy")   # -> runs/.../soup-greedy.safetensors
+    make_soup(["runs/sweep-pets37"], method="greedy")             # every trial of a sweep
+    make_soup(["B_16", "runs/x/epoch-007.safetensors"], method="wise", alphas=[0, 0.5, 1])   # WiSE-FT
 
-Ingredients are checkpoint files, or run directories (their kept best checkpoints, from
-`best.json`). They are checked from headers alone (same tensors, shapes, architecture, classes)
-before any weights are read.
+Ingredients are checkpoint files, run directories (their kept best checkpoints, from `best.json`)
+or folders of run directories, such as a sweep's (every finished run's best checkpoints, ranked by
+their val top-1; unfinished runs are skipped and listed in the soup's record). They are checked
+from headers alone (same tensors, shapes, architecture, classes) before any weights are read.
 
 * uniform: the (optionally weighted) mean of every ingredient. It streams: for each tensor name
   it reads that tensor from each file in turn and adds it into a float32 (float64 for float64
@@ -16,6 +19,17 @@ before any weights are read.
   score seen, so it is never worse than its best ingredient on that split. Memory: the float32
   running sum of the kept ingredients plus one trial average (two models), plus the scorer's
   own model.
+
+* wise (WiSE-FT, Wortsman et al. 2022): for each alpha, theta = (1 - alpha) * pretrained + alpha *
+  fine-tuned for every tensor but the head, which is the fine-tune's; the pretrained weights are
+  loaded at the fine-tune's shape (`load_model(ref, num_classes=, img_size=)`, position
+  embeddings resampled as the fine-tune's were). The alpha scoring best is written (ties: the
+  larger alpha). Alpha 1 is the fine-tune exactly, alpha 0 the pretrained backbone with its head.
+
+Selection and report use different splits. Greedy and wise *select* on `split` (val), and
+selecting on test is refused unless `allow_test_selection`, since the score of a choice made on a
+split is optimistic there. When the data has a test split, the soup is then also scored on test:
+the metadata's `metrics` hold `val_top1` (selection) and `test_top1` (reported), as compare shows.
 
 The output is an ordinary checkpoint (loads with `finetune.load_model`) whose metadata is the
 first ingredient's plus `source: "soup"` and a `soup` record of the method and ingredients.
@@ -31,23 +45,35 @@ from typing import Any, Dict, Iterable, List, Optional, Sequence, Tuple
 import torch
 from safetensors import SafetensorError, safe_open
 
+from . import rundir
 from .checkpoints import StateDict, read_checkpoint, read_meta, refuse_to_overwrite, tensor_shapes, write_checkpoint
 from .errors import FinetuneError
-from .evaluation import ScoreFn, fraction, state_scorer
+from .evaluation import (ScoreFn, build_splits, evaluate, fraction, load_for_scoring, recipe_for, split_loader,
+                         state_scorer)
+from .loading import data_config_of, load_model
 from .rundir import SPLITS, best_checkpoints
 
-METHODS = ("uniform", "greedy")
+METHODS = ("uniform", "greedy", "wise")
+SELECTING = ("greedy", "wise")  # methods that choose on a split (the choice's score there is optimistic)
+DEFAULT_ALPHAS = (0.0, 0.25, 0.5, 0.75, 1.0)
+HEAD_PREFIX = "head."
+DONE_STATES = ("finished", "stopped_early")
 MATCHING_FIELDS = ("arch", "num_classes", "class_names")
 FLOAT_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16}
 
 
 # ------------------------------------------------------------------------------------- ingredients
-def resolve_ingredients(inputs: Iterable[str | os.PathLike]) -> List[Path]:
-    """Checkpoint files as given; run directories expand to their best checkpoints, best first."""
+def resolve_ingredients(inputs: Iterable[str | os.PathLike], skipped: Optional[List[Dict[str, str]]] = None
+                        ) -> List[Path]:
+    """Checkpoint files as given; run directories expand to their best checkpoints, best first;
+    folders of run directories (a sweep's) to every finished run's best checkpoints, ranked by val
+    top-1. The runs left out (not finished) are appended to `skipped` as {"run", "reason"}."""
     paths: List[Path] = []
     for item in inputs:
         path = Path(item)
-        if path.is_dir():
+        if path.is_dir() and rundir.is_folder_of_runs(path):
+            paths.extend(_finished_runs_checkpoints(path, skipped if skipped is not None else []))
+        elif path.is_dir():
             paths.extend(best_checkpoints(path))
         elif path.is_file():
             paths.append(path)
@@ -56,6 +82,29 @@ def resolve_ingredients(inputs: Iterable[str | os.PathLike]) -> List[Path]:
     if not paths:
         raise FinetuneError("no ingredients given; pass checkpoint files or run directories")
     return paths
+
+
+def _finished_runs_checkpoints(folder: Path, skipped: List[Dict[str, str]]) -> List[Path]:
+    ranked: List[Tuple[float, Path]] = []
+    runs = sorted(child for child in folder.iterdir() if child.is_dir() and rundir.is_run_dir(child))
+    for run in runs:
+        status = rundir.read_status(run)
+        state = status.get("state")
+        if state == "running":
+            raise FinetuneError(f"{run}: still training (pid {status.get('pid', '?')}); soup {folder} when its runs "
+                                "have finished, or pass the finished runs' directories")
+        if state not in DONE_STATES:
+            skipped.append({"run": str(run), "reason": f"{state or 'no status'}, not finished"})
+            continue
+        entries = rundir.best_entries(run)
+        for entry, path in zip(entries, best_checkpoints(run)):
+            value = entry.get("val_top1")
+            ranked.append((value if isinstance(value, (int, float)) else float("-inf"), path))
+    if not ranked:
+        raise FinetuneError(f"{folder}: none of its {len(runs)} run directories has finished, so there is "
+                            "nothing to soup yet")
+    ranked.sort(key=lambda item: -item[0])  # stable: trial order on ties
+    return [path for _, path in ranked]
 
 
 def validate_ingredients(paths: Sequence[Path]) -> List[Dict[str, Any]]:
@@ -264,52 +313,240 @@ def _divide_in_place(total: StateDict, count: int, dtypes: Dict[str, torch.dtype
     return total
 
 
+# ------------------------------------------------------------------------------------------- wise
+def wise_soup(pretrained: str, finetuned: Path, alphas: Sequence[float], score_fn: Optional[ScoreFn]
+              ) -> Tuple[StateDict, Dict[str, Any]]:
+    """WiSE-FT: the backbone interpolated between `pretrained` (a model ref, loaded at the fine-tune's
+    classes and resolution) and the fine-tune, the head the fine-tune's, for each alpha; returns the
+    state of the alpha scoring best (ties: the larger alpha), and the record of every alpha's score."""
+    alphas = check_alphas(alphas)
+    finetuned = Path(finetuned)
+    tuned, meta = read_checkpoint(finetuned)
+    if not meta.get("arch"):
+        _finetune_meta(finetuned)  # the one-line error about missing metadata
+    start = pretrained_state(pretrained, finetuned, meta, tuned)
+    if score_fn is None and len(alphas) > 1:
+        raise FinetuneError("wise: choosing among several alphas needs a score; give --recipe or keep scoring on")
+    scores: List[Optional[float]] = []
+    best: Optional[Tuple[float, float, StateDict]] = None
+    for alpha in alphas:
+        state = interpolate(start, tuned, alpha)
+        score = _score(score_fn, state, finetuned) if score_fn else None
+        scores.append(score)
+        rank = (score if score is not None else 0.0, alpha)
+        if best is None or rank > best[:2]:
+            best = (*rank, state)
+        del state
+    _, alpha, state = best
+    info = {"method": "wise", "alphas": alphas, "scores": scores, "alpha": alpha,
+            "score": scores[alphas.index(alpha)], "weights": [1.0 - alpha, alpha]}
+    return state, info
+
+
+def pretrained_state(pretrained: str, finetuned: Path, meta: Dict[str, Any], tuned: StateDict) -> StateDict:
+    """The weights of `pretrained` brought to the fine-tune's shape: its classes (a new head, unused)
+    and resolution (position embeddings resampled as `load_model` did when the fine-tune began)."""
+    model = load_model(str(pretrained), num_classes=int(meta["num_classes"]), img_size=int(meta["img_size"]))
+    if model.finetune_info["arch"] != meta["arch"]:
+        name, a, b = _first_difference("arch", model.finetune_info["arch"], meta["arch"])
+        raise FinetuneError(f"wise: {pretrained} is not the model {finetuned} was fine-tuned from: {name} differs "
+                            f"({_short(a)} vs {_short(b)})")
+    state = {k: v.detach() for k, v in model.state_dict().items()}
+    for key in sorted(set(state) ^ set(tuned)):
+        where, other = (pretrained, finetuned) if key in state else (finetuned, pretrained)
+        raise FinetuneError(f"wise: tensor {key!r} is in {where} but not in {other}; they are not one architecture")
+    for key, value in tuned.items():
+        if value.shape != state[key].shape:
+            raise FinetuneError(f"wise: tensor {key!r} has shape {list(state[key].shape)} in {pretrained} and "
+                                f"{list(value.shape)} in {finetuned}; they are not one architecture")
+    return state
+
+
+def interpolate(pretrained: StateDict, finetuned: StateDict, alpha: float) -> StateDict:
+    """(1 - alpha) * pretrained + alpha * finetuned for every float tensor but the head (the
+    fine-tune's), computed in float32 (float64 for float64) and stored in the fine-tune's dtypes;
+    alpha 0 and 1 give the two endpoints exactly."""
+    out: StateDict = {}
+    for key, tuned in finetuned.items():
+        start = pretrained[key]
+        if key.startswith(HEAD_PREFIX) or not _is_float(tuned.dtype) or alpha == 1:
+            out[key] = tuned
+        elif alpha == 0:
+            out[key] = start.to(tuned.dtype)
+        else:
+            accumulator = _accumulator_dtype(tuned.dtype)
+            mixed = start.to(accumulator) * (1.0 - alpha) + tuned.to(accumulator) * alpha
+            out[key] = mixed.to(tuned.dtype)
+    return out
+
+
+def check_alphas(alphas: Optional[Iterable[Any]]) -> List[float]:
+    """Alphas as sorted floats in [0, 1], or a one-line error."""
+    values = list(DEFAULT_ALPHAS if alphas is None else alphas)
+    if not values:
+        raise FinetuneError("--alpha: no value given; give e.g. --alpha 0,0.25,0.5,0.75,1")
+    checked = []
+    for value in values:
+        number = value if isinstance(value, (int, float)) and not isinstance(value, bool) else None
+        if number is None or not math.isfinite(number) or not 0 <= number <= 1:
+            raise FinetuneError(f"--alpha: {value!r} is not a number in [0, 1]; alpha 0 is the pretrained backbone, "
+                                "1 the fine-tune")
+        checked.append(float(number))
+    if len(set(checked)) != len(checked):
+        raise FinetuneError(f"--alpha: {values} repeats a value; give each alpha once")
+    return sorted(checked)
+
+
+def parse_alphas(text: Optional[str]) -> Optional[List[float]]:
+    """`"0,0.25,0.5"` -> [0.0, 0.25, 0.5] (None stays None: the defaults); one-line errors."""
+    if text is None:
+        return None
+    values = []
+    for item in str(text).split(","):
+        try:
+            values.append(float(item.strip()))
+        except ValueError:
+            raise FinetuneError(f"--alpha: {text!r} has {item.strip()!r}, not a number; give e.g. "
+                                "--alpha 0,0.25,0.5,0.75,1") from None
+    return check_alphas(values)
+
+
 # ------------------------------------------------------------------------------------------ soups
 def make_soup(inputs: Iterable[str | os.PathLike], out: Optional[str | os.PathLike] = None,
               method: str = "uniform", weights: Optional[Sequence[float]] = None, recipe: Any = None,
               split: str = "val", score_fn: Optional[ScoreFn] = None, evaluate: Optional[bool] = None,
-              device: Optional[str] = None, force: bool = False) -> Path:
+              device: Optional[str] = None, force: bool = False, alphas: Optional[Sequence[float]] = None,
+              allow_test_selection: bool = False, report_fn: Optional[ScoreFn] = None) -> Path:
     """Soup the ingredients `inputs` into a checkpoint at `out`; return its path.
 
     Scoring uses `score_fn`, else `evaluation.state_scorer` with the first ingredient as the
     vessel and `recipe` (a Recipe, a recipe name or path) or the ingredients' stored recipe, on
-    `device` (default CUDA when present). Greedy always scores; uniform scores when it can, unless
-    `evaluate=False` (`evaluate=True` makes a missing recipe an error).
+    `device` (default CUDA when present). Greedy and wise always score (and select) on `split`;
+    uniform scores when it can, unless `evaluate=False` (`evaluate=True` makes a missing recipe an
+    error). With `split="val"` the soup is also scored on the test split when the data has one
+    (`report_fn`, or by default the same recipe's test split), recorded as `test_top1`.
+
+    `method="wise"` takes `inputs = [PRETRAINED_REF, FINETUNED_CHECKPOINT_OR_RUN]` and `alphas`.
     """
-    _check_options(method, weights, split, evaluate)
+    _check_options(method, weights, split, evaluate, alphas, allow_test_selection)
     inputs = list(inputs)
-    paths = resolve_ingredients(inputs)
+    if method == "wise":
+        return _make_wise(inputs, out, recipe, split, score_fn, device, force, alphas, report_fn)
+    skipped: List[Dict[str, str]] = []
+    paths = resolve_ingredients(inputs, skipped)
     metas = validate_ingredients(paths)
     out = refuse_to_overwrite(_output_path(inputs, paths, out, method), force)
+    own_scorer = False
     if evaluate is False:
         score_fn = None
     elif score_fn is None and _wants_score(method, recipe, metas[0], evaluate):
-        score_fn = state_scorer(paths[0], recipe, split, device)
+        score_fn, own_scorer = state_scorer(paths[0], recipe, split, device), True
     if method == "greedy":
         tensors, info = greedy_soup(paths, score_fn)
         score = info["score"]
     else:
         tensors, info = uniform_soup(paths, weights)
         score = _score(score_fn, tensors, out) if score_fn else None
-    meta = _soup_meta(metas, paths, out, info, split if score is not None else None, score)
+    scored = score is not None
+    del score_fn  # the selection model is no longer needed
+    reported = _report(tensors, split, scored, own_scorer, report_fn, paths[0], recipe, device)
+    meta = _soup_meta(metas, paths, out, info, split if scored else None, score, reported, skipped)
     return write_checkpoint(out, tensors, meta)
 
 
-def _check_options(method: str, weights, split: str, evaluate: Optional[bool]) -> None:
+def _make_wise(inputs: List, out, recipe: Any, split: str, score_fn: Optional[ScoreFn], device: Optional[str],
+               force: bool, alphas, report_fn: Optional[ScoreFn]) -> Path:
+    if len(inputs) != 2:
+        raise FinetuneError(f"wise: give two ingredients, PRETRAINED_REF FINETUNED_CHECKPOINT (got {len(inputs)}), "
+                            "e.g. finetune soup --method wise B_16 runs/x/epoch-007.safetensors")
+    pretrained, finetuned = str(inputs[0]), Path(inputs[1])
+    if finetuned.is_dir():
+        finetuned = best_checkpoints(finetuned)[0]
+    elif not finetuned.is_file():
+        raise FinetuneError(f"{finetuned}: no such fine-tuned checkpoint file or run directory")
+    meta = _finetune_meta(finetuned)
+    target = Path(out) if out is not None else finetuned.parent / "soup-wise.safetensors"
+    if target.suffix != ".safetensors":
+        raise FinetuneError(f"{target}: the output must be a .safetensors file, e.g. "
+                            f"{target.with_suffix('.safetensors')}")
+    if target.resolve() == finetuned.resolve() or (Path(pretrained).is_file()
+                                                   and target.resolve() == Path(pretrained).resolve()):
+        raise FinetuneError(f"{target}: is one of the ingredients; write the soup to another file with -o")
+    target = refuse_to_overwrite(target, force)
+    own_scorer = score_fn is None
+    if own_scorer:
+        score_fn = state_scorer(finetuned, recipe, split, device)
+    tensors, info = wise_soup(pretrained, finetuned, check_alphas(alphas), score_fn)
+    del score_fn
+    reported = _report(tensors, split, info["score"] is not None, own_scorer, report_fn, finetuned, recipe, device)
+    pretrained_name = (_relative_to(Path(pretrained), target.parent) if Path(pretrained).is_file() else pretrained)
+    ingredients = [{"path": pretrained_name, "role": "pretrained",
+                    **({"sha256": sha256_of(Path(pretrained))} if Path(pretrained).is_file() else {})},
+                   {"path": _relative_to(finetuned, target.parent), "role": "finetuned", "sha256": sha256_of(finetuned),
+                    "val_top1": (meta.get("metrics") or {}).get("val_top1")}]
+    record = {"method": "wise", "weights": info["weights"], "split": split, "ingredients": ingredients,
+              "pretrained": pretrained_name, "alpha": info["alpha"], "alphas": info["alphas"], "scores": info["scores"]}
+    if reported is not None:
+        record["report_split"] = "test"
+    result = {k: meta.get(k) for k in ("arch", "num_classes", "class_names", "img_size", "data_config", "recipe")}
+    result.update(source="soup", epoch=None, metrics=_metrics(split, info["score"], reported), soup=record)
+    return write_checkpoint(target, tensors, result)
+
+
+def _check_options(method: str, weights, split: str, evaluate: Optional[bool], alphas=None,
+                   allow_test_selection: bool = False) -> None:
     if method not in METHODS:
         raise FinetuneError(f"method: unknown value {method!r}; expected one of {', '.join(METHODS)}")
     if split not in SPLITS:
         raise FinetuneError(f"split: unknown value {split!r}; expected one of {', '.join(SPLITS)}")
-    if method == "greedy" and weights is not None:
-        raise FinetuneError("weights: only the uniform method takes weights; greedy weighs its kept ingredients equally")
-    if method == "greedy" and evaluate is False:
-        raise FinetuneError("greedy soups are built by scoring on a split; drop --no-eval or use --method uniform")
+    if method in SELECTING and split == "test" and not allow_test_selection:
+        raise FinetuneError(f"--split test: {method} selects on the split it scores, so its score there would be "
+                            "optimistic; select on val (the test score is then reported beside it), or pass "
+                            "--allow-test-selection if you really mean to choose on test")
+    if method != "uniform" and weights is not None:
+        raise FinetuneError(f"weights: only the uniform method takes weights; {method} chooses its own")
+    if method != "wise" and alphas is not None:
+        raise FinetuneError("--alpha: only the wise method takes alphas (--method wise PRETRAINED_REF CHECKPOINT)")
+    if method in SELECTING and evaluate is False:
+        raise FinetuneError(f"{method} soups are built by scoring on a split; drop --no-eval or use --method uniform")
 
 
 def _wants_score(method: str, recipe: Any, first_meta: Dict[str, Any], evaluate: Optional[bool]) -> bool:
-    if method == "greedy" or evaluate:
+    if method in SELECTING or evaluate:
         return True
     return evaluate is None and (recipe is not None or bool(first_meta.get("recipe")))
+
+
+def _report(tensors: StateDict, split: str, scored: bool, own_scorer: bool, report_fn: Optional[ScoreFn],
+            vessel: Path, recipe: Any, device: Optional[str]) -> Optional[float]:
+    """The soup's test top-1 when it was scored on val: by `report_fn`, or (when the scorer was ours)
+    on the recipe's test split if the data has one. None otherwise."""
+    if split != "val" or not scored:
+        return None
+    if report_fn is not None:
+        return _score(report_fn, tensors, vessel)
+    if not own_scorer:
+        return None  # a caller's own scorer: we cannot know its data's test split
+    return test_top1(tensors, vessel, recipe, device)
+
+
+def test_top1(tensors: StateDict, vessel: Path, recipe: Any = None, device: Optional[str] = None) -> Optional[float]:
+    """Top-1 of the state dict `tensors` on the test split of `vessel`'s (or `recipe`'s) data, in
+    `vessel`'s model; None when that data has no test split."""
+    resolved = recipe_for(vessel, recipe)
+    model = load_for_scoring(vessel, device)
+    config = data_config_of(model)
+    if build_splits(resolved, config["input_size"][-1], config, augment="none").test is None:
+        return None
+    model.load_state_dict(tensors)
+    return evaluate(model, split_loader(resolved, model, "test"))["top1"]
+
+
+def _metrics(split: Optional[str], score: Optional[float], reported: Optional[float]) -> Dict[str, float]:
+    metrics = {f"{split}_top1": score} if split is not None and score is not None else {}
+    if reported is not None:
+        metrics["test_top1"] = reported
+    return metrics
 
 
 def _output_path(inputs: List, paths: List[Path], out, method: str) -> Path:
@@ -326,7 +563,8 @@ def _output_path(inputs: List, paths: List[Path], out, method: str) -> Path:
 
 
 def _soup_meta(metas: List[Dict[str, Any]], paths: List[Path], out: Path, info: Dict[str, Any],
-               split: Optional[str], score: Optional[float]) -> Dict[str, Any]:
+               split: Optional[str], score: Optional[float], reported: Optional[float] = None,
+               skipped: Sequence[Dict[str, str]] = ()) -> Dict[str, Any]:
     meta = {k: metas[0].get(k) for k in ("arch", "num_classes", "class_names", "img_size", "data_config",
                                          "recipe")}
     scores = info.get("scores") or [None] * len(paths)
@@ -334,10 +572,14 @@ def _soup_meta(metas: List[Dict[str, Any]], paths: List[Path], out: Path, info: 
                     "val_top1": (m.get("metrics") or {}).get("val_top1"),
                     **({"score": s} if s is not None else {})} for p, m, s in zip(paths, metas, scores)]
     soup = {"method": info["method"], "weights": info["weights"], "split": split, "ingredients": ingredients}
+    if reported is not None:
+        soup["report_split"] = "test"
     if info["method"] == "greedy":
         soup["kept"] = [_relative_to(Path(p), out.parent) for p in info["kept"]]
-    meta.update(source="soup", epoch=None, metrics={f"{split}_top1": score} if score is not None else {},
-                soup=soup)
+        soup["rejected"] = [_relative_to(Path(p), out.parent) for p in info["rejected"]]
+    if skipped:
+        soup["skipped"] = [{"run": _relative_to(Path(s["run"]), out.parent), "reason": s["reason"]} for s in skipped]
+    meta.update(source="soup", epoch=None, metrics=_metrics(split, score, reported), soup=soup)
     return meta
 
 
@@ -359,13 +601,31 @@ def describe_soup(path: Path) -> List[str]:
     """The report printed after a soup is written, from its own metadata."""
     meta = read_meta(path)
     soup = meta["soup"]
-    lines = [f"wrote {path} ({soup['method']} soup of {len(soup['ingredients'])} checkpoints)",
-             f"  {'ingredient':40} {'val_top1':>8} {'score':>8} {'weight':>7}"]
-    for entry, weight in zip(soup["ingredients"], soup["weights"]):
-        lines.append(f"  {entry['path']:40} {fraction(entry.get('val_top1')):>8} "
-                     f"{fraction(entry.get('score')):>8} {weight:>7.3f}")
+    metrics = meta.get("metrics") or {}
+    if soup["method"] == "wise":
+        lines = [f"wrote {path} (WiSE-FT of {soup['pretrained']} and {soup['ingredients'][-1]['path']})",
+                 f"  {'alpha':>6} {soup['split'] or 'score':>8}"]
+        lines += [f"  {a:>6.3f} {fraction(s):>8}" + ("  <- written" if a == soup["alpha"] else "")
+                  for a, s in zip(soup["alphas"], soup["scores"])]
+    else:
+        width = max([40] + [len(entry["path"]) for entry in soup["ingredients"]])
+        lines = [f"wrote {path} ({soup['method']} soup of {len(soup['ingredients'])} checkpoints)",
+                 f"  {'ingredient':{width}} {'val_top1':>8} {'score':>8} {'weight':>7}"]
+        for entry, weight in zip(soup["ingredients"], soup["weights"]):
+            lines.append(f"  {entry['path']:{width}} {fraction(entry.get('val_top1')):>8} "
+                         f"{fraction(entry.get('score')):>8} {weight:>7.3f}")
     if "kept" in soup:
         lines.append(f"kept: {', '.join(soup['kept'])}")
-    score = (meta.get("metrics") or {}).get(f"{soup['split']}_top1")
-    lines.append(f"soup {soup['split']} top-1: {fraction(score)}" if score is not None else "soup not scored")
+        lines.append(f"rejected: {', '.join(soup.get('rejected') or []) or 'none'}")
+    for entry in soup.get("skipped") or []:
+        lines.append(f"skipped: {entry['run']} ({entry['reason']})")
+    score = metrics.get(f"{soup['split']}_top1") if soup.get("split") else None
+    if score is None:
+        lines.append("soup not scored")
+        return lines
+    chosen = " (selection split)" if soup["method"] in SELECTING else ""
+    lines.append(f"soup {soup['split']} top-1: {fraction(score)}{chosen}")
+    reported = metrics.get(f"{soup['report_split']}_top1") if soup.get("report_split") else None
+    if reported is not None:
+        lines.append(f"soup {soup['report_split']} top-1: {fraction(reported)} (reported)")
     return lines

@@ -324,6 +324,7 @@ def test_cli_greedy_prints_kept_and_score(tmp_path, capsys, monkeypatch):
     paths = offset_ingredients(tmp_path, target, [0.01, 0.5, 0.012])
     scorer = distance_scorer(target.state_dict())
     monkeypatch.setattr(soup, "state_scorer", lambda *args: scorer)
+    monkeypatch.setattr(soup, "test_top1", lambda *args: None)  # fake ingredients: no data to report on
     code, out, err = run_cli([*paths, "--method", "greedy"], capsys)
     assert code == 0, err
     assert "kept: ing0.safetensors, ing2.safetensors" in out and "soup val top-1:" in out
@@ -384,3 +385,167 @@ def test_greedy_soup_of_real_finetunes_is_never_below_its_best_ingredient(tmp_pa
     assert rows[1]["ingredients"] == ["epoch-001", "epoch-002", "epoch-003"]
     table = format_table(rows)
     assert "soup-greedy.safetensors" in table and "epoch-002.safetensors" in table
+
+
+# --------------------------------------------------------------------------- folders of runs (sweeps)
+def finished_run(folder, vals, state="finished"):
+    """A run directory (recipe.yaml, status.json, best.json) keeping checkpoints of the given val top-1s."""
+    folder.mkdir(parents=True)
+    (folder / "recipe.yaml").write_text("model: scratch:patch_size=8\n")
+    (folder / "status.json").write_text(json.dumps({"state": state}))
+    entries = []
+    for epoch, val in enumerate(vals, start=1):
+        save(folder / f"epoch-{epoch:03d}.safetensors", epoch=epoch, metrics={"val_top1": val})
+        entries.append({"epoch": epoch, "path": f"epoch-{epoch:03d}.safetensors", "val_top1": val})
+    entries.sort(key=lambda e: -e["val_top1"])
+    (folder / "best.json").write_text(json.dumps({"metric": "val_top1", "keep": len(vals), "checkpoints": entries}))
+    return folder
+
+
+def test_a_folder_of_runs_expands_to_every_finished_runs_best_checkpoints_ranked_by_val(tmp_path, capsys):
+    sweep_dir = tmp_path / "sweep"
+    finished_run(sweep_dir / "trial-000-lr0.001", [0.7, 0.9])
+    finished_run(sweep_dir / "trial-001-lr0.003", [0.95, 0.8])
+    finished_run(sweep_dir / "trial-002-lr0.01", [0.85], state="stopped_early")
+    finished_run(sweep_dir / "trial-003-lr0.1", [0.99], state="failed")  # diverged later: left out
+    (sweep_dir / "trial-004-lr1").mkdir()  # never started
+    (sweep_dir / "sweep.json").write_text("{}")
+    skipped = []
+    paths = resolve_ingredients([sweep_dir], skipped)
+    assert [str(p.relative_to(sweep_dir)) for p in paths] == [
+        "trial-001-lr0.003/epoch-001.safetensors", "trial-000-lr0.001/epoch-002.safetensors",
+        "trial-002-lr0.01/epoch-001.safetensors", "trial-001-lr0.003/epoch-002.safetensors",
+        "trial-000-lr0.001/epoch-001.safetensors"]
+    assert skipped == [{"run": str(sweep_dir / "trial-003-lr0.1"), "reason": "failed, not finished"}]
+    code, out, err = run_cli([sweep_dir, "--no-eval"], capsys)
+    assert code == 0, err
+    assert f"wrote {sweep_dir / 'soup.safetensors'} (uniform soup of 5 checkpoints)" in out
+    assert "skipped: trial-003-lr0.1 (failed, not finished)" in out
+    record = finetune.read_meta(sweep_dir / "soup.safetensors")["soup"]
+    assert record["ingredients"][0]["path"] == "trial-001-lr0.003/epoch-001.safetensors"
+    assert record["skipped"] == [{"run": "trial-003-lr0.1", "reason": "failed, not finished"}]
+
+
+def test_a_folder_whose_runs_are_unfinished_or_running_is_refused(tmp_path):
+    sweep_dir = tmp_path / "sweep"
+    finished_run(sweep_dir / "trial-000", [0.7], state="interrupted")
+    with pytest.raises(FinetuneError, match="none of its 1 run directories has finished"):
+        resolve_ingredients([sweep_dir])
+    from finetune.rundir import RunLock
+    running = finished_run(sweep_dir / "trial-001", [0.8], state="running")
+    lock = RunLock(running).acquire()
+    try:
+        with pytest.raises(FinetuneError, match="trial-001: still training"):
+            resolve_ingredients([sweep_dir])
+    finally:
+        lock.release()
+
+
+# ------------------------------------------------------------------------------------- split rules
+@pytest.mark.parametrize("method", ["greedy", "wise"])
+def test_selecting_on_test_is_refused_without_the_flag(tmp_path, method):
+    paths = ingredients(tmp_path)
+    inputs = [SCRATCH.format(depth=2), paths[0]] if method == "wise" else paths
+    with pytest.raises(FinetuneError, match="--split test: .*--allow-test-selection") as error:
+        make_soup(inputs, method=method, split="test", score_fn=lambda state: 0.5)
+    assert "\n" not in str(error.value)
+    assert sorted(p.name for p in tmp_path.iterdir()) == [p.name for p in paths]
+    out = make_soup(inputs, method=method, split="test", score_fn=lambda state: 0.5, allow_test_selection=True)
+    meta = finetune.read_meta(out)
+    assert meta["soup"]["split"] == "test" and meta["metrics"] == {"test_top1": 0.5}
+
+
+def test_selection_on_val_is_reported_on_test_beside_it(tmp_path):
+    target = small_model()
+    paths = offset_ingredients(tmp_path, target, [0.01, 0.5, 0.012])
+    out = make_soup(paths, method="greedy", score_fn=distance_scorer(target.state_dict()), report_fn=lambda s: 0.625)
+    meta = finetune.read_meta(out)
+    assert meta["soup"]["split"] == "val" and meta["soup"]["report_split"] == "test"
+    assert meta["metrics"]["test_top1"] == 0.625
+    assert meta["metrics"]["val_top1"] >= max(i["score"] for i in meta["soup"]["ingredients"])
+    assert meta["soup"]["rejected"] == ["ing1.safetensors"]
+    from finetune.compare import checkpoint_row
+    row = checkpoint_row(out)
+    assert row["best_val_top1"] == meta["metrics"]["val_top1"] and row["test_top1"] == 0.625
+
+
+# -------------------------------------------------------------------------------------------- wise
+def wise_pair(tmp_path):
+    """A "pretrained" checkpoint (10 classes, 16 px) and a fine-tune of it (3 classes, 24 px)."""
+    pretrained = finetune.load_model(SCRATCH.format(depth=2), num_classes=10, img_size=16)
+    with torch.no_grad():
+        for p in pretrained.parameters():
+            p.normal_(0, 0.05)
+    pre_path = finetune.save_checkpoint(tmp_path / "pretrained.safetensors", pretrained)
+    tuned = finetune.load_model(str(pre_path), num_classes=3, img_size=24, class_names=["a", "b", "c"])
+    with torch.no_grad():
+        for p in tuned.parameters():
+            p.add_(torch.randn_like(p) * 0.05)
+    ft_path = finetune.save_checkpoint(tmp_path / "run" / "epoch-004.safetensors", tuned, epoch=4,
+                                       metrics={"val_top1": 0.8})
+    (tmp_path / "run" / "best.json").write_text(json.dumps({"checkpoints": [{"epoch": 4, "path": ft_path.name}]}))
+    return pre_path, ft_path
+
+
+def test_wise_alpha_1_is_the_finetune_and_alpha_0_the_pretrained_backbone_with_its_head(tmp_path):
+    pre_path, ft_path = wise_pair(tmp_path)
+    tuned = read_checkpoint(ft_path)[0]
+    at_start = finetune.load_model(str(pre_path), num_classes=3, img_size=24).state_dict()  # pos_embed resampled
+    assert at_start["pos_embed"].shape == tuned["pos_embed"].shape != read_checkpoint(pre_path)[0]["pos_embed"].shape
+    one = make_soup([pre_path, ft_path], method="wise", alphas=[1], score_fn=lambda s: 0.5,
+                    out=tmp_path / "one.safetensors")
+    zero = make_soup([pre_path, ft_path], method="wise", alphas=[0], score_fn=lambda s: 0.5,
+                     out=tmp_path / "zero.safetensors")
+    one_state, zero_state = read_checkpoint(one)[0], read_checkpoint(zero)[0]
+    assert one_state.keys() == tuned.keys() == zero_state.keys()
+    for key, value in tuned.items():
+        assert torch.equal(one_state[key], value), key
+        expected = value if key.startswith("head.") else at_start[key]
+        assert torch.equal(zero_state[key], expected), key
+    half = soup.interpolate(at_start, tuned, 0.5)
+    torch.testing.assert_close(half["blocks.0.attn.qkv.weight"],
+                               (at_start["blocks.0.attn.qkv.weight"] + tuned["blocks.0.attn.qkv.weight"]) / 2)
+    assert torch.equal(half["head.weight"], tuned["head.weight"])
+
+
+def test_wise_writes_the_best_alpha_and_records_every_score(tmp_path):
+    pre_path, ft_path = wise_pair(tmp_path)
+    tuned = read_checkpoint(ft_path)[0]
+    at_start = finetune.load_model(str(pre_path), num_classes=3, img_size=24).state_dict()
+    target = soup.interpolate(at_start, tuned, 0.6)  # the best weights lie between the two
+    out = make_soup([pre_path, ft_path.parent], method="wise", alphas=[0, 0.25, 0.5, 0.75, 1],
+                    score_fn=distance_scorer(target), report_fn=lambda state: 0.75)
+    assert out == ft_path.parent / "soup-wise.safetensors"
+    meta = finetune.read_meta(out)
+    record = meta["soup"]
+    assert record["method"] == "wise" and record["alphas"] == [0, 0.25, 0.5, 0.75, 1] and record["alpha"] == 0.5
+    assert record["scores"][2] == max(record["scores"]) and meta["metrics"]["val_top1"] == record["scores"][2]
+    assert meta["metrics"]["test_top1"] == 0.75 and record["weights"] == [0.5, 0.5]
+    assert [i["role"] for i in record["ingredients"]] == ["pretrained", "finetuned"]
+    assert record["ingredients"][1]["path"] == "epoch-004.safetensors"
+    assert meta["class_names"] == ["a", "b", "c"] and meta["img_size"] == 24
+    model = finetune.load_model(str(out))
+    assert model.num_classes == 3
+    lines = soup.describe_soup(out)
+    assert lines[0].startswith(f"wrote {out} (WiSE-FT of ") and any("<- written" in line and "0.500" in line
+                                                                      for line in lines)
+    assert any(line.startswith("soup test top-1: 0.7500 (reported)") for line in lines)
+
+
+@pytest.mark.parametrize("text, complaint", [("0,1.5", "not a number in \\[0, 1\\]"), ("0,x", "'x', not a number"),
+                                             ("0.5,0.5", "repeats")])
+def test_bad_alphas_are_one_line_errors(text, complaint):
+    with pytest.raises(FinetuneError, match=complaint) as error:
+        soup.parse_alphas(text)
+    assert "\n" not in str(error.value) and str(error.value).startswith("--alpha")
+
+
+def test_wise_refuses_weights_of_another_model_and_wrong_inputs(tmp_path):
+    pre_path, ft_path = wise_pair(tmp_path)
+    with pytest.raises(FinetuneError, match="arch.kwargs.depth differs"):
+        make_soup([SCRATCH.format(depth=3), ft_path], method="wise", alphas=[0.5], score_fn=lambda s: 0.5)
+    with pytest.raises(FinetuneError, match="give two ingredients"):
+        make_soup([ft_path], method="wise", score_fn=lambda s: 0.5)
+    with pytest.raises(FinetuneError, match="only the wise method takes alphas"):
+        make_soup([ft_path], method="uniform", alphas=[0.5])
+    assert not (ft_path.parent / "soup-wise.safetensors").exists()
