@@ -138,6 +138,7 @@ def build_model(arch: Dict[str, Any], num_classes: int, img_size: int) -> Vision
     VisionTransformer built from explicit arguments. `kwargs.norm_eps` sets LayerNorm's epsilon.
     """
     kwargs = dict(arch.get("kwargs") or {})
+    _check_sizes(arch, kwargs, num_classes, img_size)
     if "norm_eps" in kwargs:
         kwargs["norm_layer"] = partial(torch.nn.LayerNorm, eps=kwargs.pop("norm_eps"))
     kwargs.update(num_classes=num_classes, img_size=img_size)
@@ -154,6 +155,20 @@ def build_model(arch: Dict[str, Any], num_classes: int, img_size: int) -> Vision
     return model
 
 
+# Far beyond any published ViT (ViT-22B: depth 48, width 6144), yet small enough that a stranger's
+# metadata cannot make us spend minutes or all memory building a network before its weights are checked.
+SIZE_LIMITS = {"depth": 512, "embed_dim": 32768, "num_heads": 1024, "mlp_ratio": 64, "patch_size": 1024,
+               "img_size": 8192, "num_classes": 1_000_000}
+
+
+def _check_sizes(arch: Dict[str, Any], kwargs: Dict[str, Any], num_classes: int, img_size: int) -> None:
+    for key, value in {**kwargs, "num_classes": num_classes, "img_size": img_size}.items():
+        limit = SIZE_LIMITS.get(key)
+        if limit is not None and isinstance(value, (int, float)) and not 0 <= value <= limit:
+            raise FinetuneError(f"cannot build a ViT from architecture {str(arch)[:200]}: {key} {value} is outside "
+                                f"0..{limit}")
+
+
 def model_from_pretrained(p: Pretrained, num_classes: Optional[int] = None, img_size: Optional[int] = None,
                           class_names: Optional[List[str]] = None) -> VisionTransformer:
     num_classes = p.num_classes if num_classes is None else int(num_classes)
@@ -163,9 +178,15 @@ def model_from_pretrained(p: Pretrained, num_classes: Optional[int] = None, img_
     if p.arch.get("pre_logits") and num_classes == p.num_classes:
         warnings.warn(f"{p.source}: the pre-logits layer is dropped (as timm and pytorch-pretrained-vit do), so "
                       "the original head's logits change; fine-tuning with a new head is unaffected")
+    replace_head = num_classes != p.num_classes
+    # Check the weights against a skeleton on the meta device first: metadata naming a far larger
+    # network than its tensors is an error message, not a real allocation of that network.
+    with torch.device("meta"):
+        skeleton = build_model(_arch_for_build(p.arch), num_classes, img_size)
+    state = _fit_state_dict(p, skeleton, replace_head)
+    _check_fit(skeleton, state, p.source, replace_head)
     model = build_model(_arch_for_build(p.arch), num_classes, img_size)
-    state = _fit_state_dict(p, model, replace_head=num_classes != p.num_classes)
-    _load_strict(model, state, p.source, replace_head=num_classes != p.num_classes)
+    _load_strict(model, state, p.source, replace_head)
     if class_names is None and num_classes == p.num_classes:
         class_names = p.class_names
     _attach_info(model, p, num_classes, img_size, class_names)
@@ -206,6 +227,14 @@ def _fit_state_dict(p: Pretrained, model: VisionTransformer, replace_head: bool)
 
 
 def _load_strict(model: VisionTransformer, state: StateDict, source: str, replace_head: bool) -> None:
+    _check_fit(model, state, source, replace_head)
+    model.load_state_dict(state, strict=False)
+    if replace_head:
+        torch.nn.init.zeros_(model.head.weight)
+        torch.nn.init.zeros_(model.head.bias)
+
+
+def _check_fit(model: VisionTransformer, state: StateDict, source: str, replace_head: bool) -> None:
     target = model.state_dict()
     missing = [k for k in target if k not in state and not (replace_head and k.startswith("head."))]
     unexpected = [k for k in state if k not in target]
@@ -216,10 +245,6 @@ def _load_strict(model: VisionTransformer, state: StateDict, source: str, replac
                            for name, keys in (("missing", missing), ("unexpected", unexpected), ("shape", wrong))
                            if keys)
         raise FinetuneError(f"{source}: weights do not fit the architecture ({detail})")
-    model.load_state_dict(state, strict=False)
-    if replace_head:
-        torch.nn.init.zeros_(model.head.weight)
-        torch.nn.init.zeros_(model.head.bias)
 
 
 def _attach_info(model: VisionTransformer, p: Pretrained, num_classes: int, img_size: int,

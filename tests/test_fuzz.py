@@ -7,12 +7,13 @@ from __future__ import annotations
 
 import io
 import json
+import resource
 import string
 
 import numpy as np
 import pytest
 import torch
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 from safetensors.torch import save as safetensors_bytes
 
@@ -104,6 +105,13 @@ META_FIELDS = ["arch", "num_classes", "img_size", "class_names", "data_config", 
                                                               "arch.kwargs.embed_dim", "arch.kwargs.depth"]),
                                values, max_size=3),
        whole=st.one_of(st.none(), values))
+# Metadata naming a network far larger than its tensors once made CI build it and die of memory.
+@example(changes={"arch.kwargs.embed_dim": 10**6}, whole=None)
+@example(changes={"arch.kwargs.embed_dim": 20000}, whole=None)
+@example(changes={"arch.kwargs.depth": 300}, whole=None)
+@example(changes={"img_size": 10**6}, whole=None)
+@example(changes={"num_classes": 10**6}, whole=None)
+@example(changes={"arch.kwargs.embed_dim": 4096, "arch.kwargs.depth": 64}, whole=None)
 def test_generated_checkpoint_metadata_loads_or_fails_in_one_line(tmp_path_factory, checkpoint_bytes, changes, whole):
     state, meta = checkpoint_bytes
     meta = json.loads(json.dumps(meta))
@@ -136,3 +144,16 @@ def test_random_bytes_as_npz_fail_in_one_line(tmp_path_factory, blob):
     path = tmp_path_factory.mktemp("npzbytes") / "x.npz"
     path.write_bytes(blob)
     one_line_error_or_nothing(lambda: finetune.load_model(f"npz:{path}"))
+
+
+def test_metadata_naming_a_huge_network_is_refused_before_building_it(tmp_path, checkpoint_bytes):
+    state, meta = checkpoint_bytes
+    meta = json.loads(json.dumps(meta))
+    meta["arch"]["kwargs"]["embed_dim"] = 12000   # ~7 GB of fp32 weights, were it built for real
+    path = tmp_path / "x.safetensors"
+    path.write_bytes(safetensors_bytes(state, metadata={"finetune": json.dumps(meta)}))
+    peak_before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    with pytest.raises(FinetuneError, match="do not fit"):
+        finetune.load_model(str(path))
+    grown_gib = (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - peak_before) / 2**20   # ru_maxrss is KiB
+    assert grown_gib < 1, f"peak memory grew {grown_gib:.1f} GiB"
