@@ -110,9 +110,10 @@ def bench(model_ref: str, img_size: Optional[int] = None, batch_size: int = 4, p
         contenders.update(_baselines(model, dev, images, labels, say))
     contenders["matmul"] = probe
     say(f"timing {', '.join(contenders)}: {warmup} warm-up + {steps} timed rounds")
-    times = time_rounds(contenders, dev, steps, warmup, say)
+    cpu_seconds: Dict[str, List[float]] = {}
+    times = time_rounds(contenders, dev, steps, warmup, say, cpu=cpu_seconds)
     peaks = probe.rates[warmup:]  # the best GEMM rate of each timed round
-    del times["matmul"], contenders
+    del times["matmul"], cpu_seconds["matmul"], contenders
     _free(dev)
     rates = {name: batch_size / statistics.median(seconds) for name, seconds in times.items()}
     best = {name: batch_size / min(seconds) for name, seconds in times.items()}
@@ -126,6 +127,8 @@ def bench(model_ref: str, img_size: Optional[int] = None, batch_size: int = 4, p
         if baseline not in times:
             return None
         return statistics.median(b / e for b, e in zip(times[baseline], times["engine"]))
+
+    by_cpu_time = cpu_time_view(cpu_seconds, batch_size) if dev.type == "cpu" else None
 
     peak_bytes, state_bytes, peak_method = step_peak_memory(engine_step, model, optimizer, dev)
     eval_batch = eval_batch_size or 2 * batch_size
@@ -149,6 +152,7 @@ def bench(model_ref: str, img_size: Optional[int] = None, batch_size: int = 4, p
         "matmul_peak_flops": max(peaks), "matmul_peak_shape": probe.best_shape, "matmul_peak_rounds": peaks,
         "mfu": statistics.median(mfu_rounds), "mfu_rounds": mfu_rounds,
         "card_peak_flops": card_peak, "mfu_card": engine_flops / card_peak if card_peak else None,
+        "by_cpu_time": by_cpu_time, "step_cpu_seconds": cpu_seconds if dev.type == "cpu" else None,
         "eval_img_s": eval_rate, "eval_batch_size": eval_batch,
         **data_rates,
         "peak_memory_bytes": peak_bytes, "state_memory_bytes": state_bytes, "peak_memory_method": peak_method,
@@ -297,20 +301,42 @@ def ppv_model(model) -> Optional[torch.nn.Module]:
 
 # ================================================================================== timing
 def time_rounds(contenders: Dict[str, Callable[[], None]], device: torch.device, steps: int, warmup: int,
-                say: Callable[[str], None] = lambda m: None) -> Dict[str, List[float]]:
+                say: Callable[[str], None] = lambda m: None, cpu: Optional[Dict[str, List[float]]] = None
+                ) -> Dict[str, List[float]]:
     """Seconds per call of each contender: `warmup` untimed rounds, then `steps` timed ones, each
-    round calling every contender once (in an order that alternates, so none always runs first)."""
+    round calling every contender once (in an order that alternates, so none always runs first).
+    With `cpu`, also this process's CPU seconds (all threads) per call, into `cpu[name]`."""
     times: Dict[str, List[float]] = {name: [] for name in contenders}
+    if cpu is not None:
+        cpu.update({name: [] for name in contenders})
     names = list(contenders)
     for round_ in range(warmup + steps):
         order = names if round_ % 2 == 0 else names[::-1]
         for name in order:
+            cpu_before = time.process_time()
             seconds = timed(contenders[name], device)
             if round_ >= warmup:
                 times[name].append(seconds)
+                if cpu is not None:
+                    cpu[name].append(time.process_time() - cpu_before)
         if round_ >= warmup:
             say(f"round {round_ - warmup + 1}/{steps}: " + ", ".join(f"{n} {times[n][-1]:.2f}s" for n in names))
     return times
+
+
+def cpu_time_view(cpu_seconds: Dict[str, List[float]], batch_size: int) -> Dict[str, Any]:
+    """The same comparison by CPU time (CPU only): on a machine shared with other jobs, wall time
+    depends on how much of the CPU this process got, while the CPU seconds a step burns (over all
+    threads) hardly do. Rates are images per (CPU seconds / threads), i.e. what the step would
+    reach with the cores to itself; MFU divides FLOPs per CPU second by the matmul probe's."""
+    threads = torch.get_num_threads()
+    median = {name: statistics.median(seconds) for name, seconds in cpu_seconds.items()}
+    view: Dict[str, Any] = {f"{name}_img_s": batch_size * threads / seconds for name, seconds in median.items()}
+    for baseline in ("ppv_fp32", "timm_fp32", "timm_bf16"):
+        view[f"engine_vs_{baseline}"] = median[baseline] / median["engine"] if baseline in median else None
+    # No MFU by CPU time: MKL runs small GEMMs on fewer threads than it has, so a matmul probe's
+    # FLOP per CPU second is not a peak that a multi-threaded step could reach.
+    return view
 
 
 def timed(fn: Callable[[], Any], device: torch.device) -> float:
@@ -379,7 +405,7 @@ class MatmulProbe:
                           torch.randn(n, k, generator=generator, device=device, dtype=self.dtype))
                          for k, n in linear_shapes(vit)]
         self.inner = 10 if device.type == "cuda" else 1
-        self.rates: List[float] = []
+        self.rates: List[float] = []  # FLOP/s, the best of each call
         self.best_shape: Optional[str] = None
         self._best = 0.0
 
@@ -388,10 +414,10 @@ class MatmulProbe:
         with torch.no_grad():
             for a, w in self.operands:
                 seconds = timed(lambda: [F.linear(a, w) for _ in range(self.inner)], self.device) / self.inner
-                rate = 2 * a.shape[0] * a.shape[1] * w.shape[0] / seconds
-                best = max(best, rate)
-                if rate > self._best:
-                    self._best = rate
+                flop = 2 * a.shape[0] * a.shape[1] * w.shape[0]
+                best = max(best, flop / seconds)
+                if flop / seconds > self._best:
+                    self._best = flop / seconds
                     self.best_shape = f"{a.shape[0]}x{a.shape[1]}x{w.shape[0]} {str(self.dtype).replace('torch.', '')}"
         self.rates.append(best)
         return best
@@ -587,6 +613,7 @@ def format_bench(result: Dict[str, Any]) -> str:
             ("timm, bf16 autocast, fused attention", r.get("timm_bf16_img_s"), r.get("engine_vs_timm_bf16")),
             (f"finetune engine: {r['precision']}, {r['attention']} attention", r.get("engine_img_s"), None)]
     best = r.get("best_img_s") or {}
+    by_cpu = r.get("by_cpu_time") or {}
     keys = ("ppv_fp32", "timm_fp32", "timm_bf16", "engine")
     lines = [f"finetune bench: {r['model']} ({r['weights']} weights), {r['img_size']}px, batch {r['batch_size']}, "
              f"{r['device']}",
@@ -594,9 +621,14 @@ def format_bench(result: Dict[str, Any]) -> str:
              f"attention  {r['attention_detail']}",
              f"optimizer  {r['optimizer']}",
              "",
-             f"{'training step, ' + str(r['steps']) + ' rounds':48} {'img/s':>9} {'best':>9} {'engine vs':>10}"]
+             f"{'training step, ' + str(r['steps']) + ' rounds':48} {'img/s':>9} {'best':>9} {'engine vs':>10}"
+             + (f" {'by CPU time: img/s':>19} {'engine vs':>10}" if by_cpu else "")]
     for (label, value, versus), key in zip(rows, keys):
-        lines.append(f"{label:48} {rate(value):>9} {rate(best.get(key)):>9} {times(versus):>10}")
+        line = f"{label:48} {rate(value):>9} {rate(best.get(key)):>9} {times(versus):>10}"
+        if by_cpu:
+            cpu_rate = by_cpu.get(f"{key}_img_s")
+            line += f" {rate(cpu_rate):>19} {times(by_cpu.get(f'engine_vs_{key}')):>10}"
+        lines.append(line)
     flops, peak = r.get("flops_per_img"), r.get("matmul_peak_flops")
     lines.append("")
     lines.append(f"FLOPs per image (fwd+bwd)   {_si(flops, 'FLOP')}" if flops else "FLOPs per image: n/a")

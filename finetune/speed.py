@@ -21,7 +21,7 @@ machines (BENCHMARKS.md has the tables and the commands that reproduce them):
   explicit path made the bf16 step 1.3x faster, because 37% of the fused step sat in the CPU
   flash-attention backward; on an AMD EPYC the comparison came out differently), so "auto" times both
   kernels at this model's shape, in this run's precision, for about a second at start.
-- **Optimizer.** See `optimizer_kwargs`.
+- **Optimizer.** torch's fused SGD / AdamW where it has them (CUDA, CPU); see `optimizer_kwargs`.
 
 Nothing here changes the randomness of training: the measurement runs under `torch.random.fork_rng`
 with its own generator, and never runs the model itself (its weights and train/eval mode are untouched).
@@ -330,15 +330,18 @@ def optimizer_kwargs(device: torch.device) -> Dict[str, Any]:
 
     `fused=True` wherever torch has fused kernels for the device (CUDA, and the CPU since torch 2.4):
     one pass over each parameter's memory instead of several. Measured on the 2-core Xeon of
-    BENCHMARKS.md, one step over ViT-B/16's 86M parameters (median of 7, interleaved):
+    BENCHMARKS.md: `optimizer.step()` over ViT-B/16's 86M parameters inside a training loop (fresh
+    gradients from a backward each time; the three interleaved, median of 8;
+    `python -m benchmarks.optimizer_step --opt momentum|adamw`):
 
-        momentum SGD   single-tensor (torch's CPU default) 675 ms   foreach 1128 ms   fused 314 ms
-        AdamW          single-tensor 1789 ms                       foreach 1517 ms   fused 361 ms
+        momentum SGD   single-tensor (torch's CPU default) 85 ms   foreach 161 ms   fused 38 ms
+        AdamW          single-tensor 168 ms                        foreach 245 ms   fused 56 ms
 
-    so on a CPU `foreach=True` is no help (slower for SGD) and fused is 2.2x (SGD) to 5x (AdamW) —
-    at batch 4 the SGD step is about a tenth of the whole training step. The math is the same
-    update; fused kernels may round differently in the last bit, so a run keeps one setting
-    throughout (a resume rebuilds the optimizer with the same flags). Elsewhere (mps, xpu, ...): {}.
+    so on a CPU `foreach=True` is slower, and fused is 2.2x (SGD) to 3x (AdamW) faster — though a
+    B_16 training step at 384 px, batch 4, takes seconds there, so the whole step gains under 1%
+    (benchmarks.engine_variants: no difference measurable). The update is the same; fused kernels
+    may round differently in the last bit, so a run keeps one setting throughout (a resume rebuilds
+    the optimizer the same way). Elsewhere (mps, xpu, ...): {}.
     """
     device = torch.device(device)
     if device.type in _fused_optimizer_devices():
