@@ -47,7 +47,7 @@ from .recipes import Recipe, load_recipe, recipe_to_dict, resolve_path, save_rec
 # decides which model is trained on which images, in which order.
 RESUMABLE_CHANGES = ("epochs", "optimizer.lr", "optimizer.momentum", "optimizer.weight_decay", "schedule.",
                      "early_stop_patience", "keep_best", "clip_grad", "label_smoothing", "max_steps_per_epoch",
-                     "data.workers", "precision", "grad_checkpointing", "name")
+                     "log_every", "data.workers", "precision", "grad_checkpointing", "name")
 
 
 @dataclass
@@ -258,9 +258,12 @@ def train_one_epoch(model, loader, optimizer, scaler, *, recipe: Recipe, epoch: 
                     stop: Optional["StopSignals"] = None, ema=None, mixup=None, first_step: int = 0
                     ) -> Dict[str, Any]:
     """One pass over `loader` (from where `resume_from` stopped) with gradient accumulation,
-    clipping, autocast, Mixup/CutMix and the EMA update. The host waits on the device once per
-    optimizer step, to check the loss before the step and to agree with the other processes on
-    stopping."""
+    clipping, autocast, Mixup/CutMix and the EMA update.
+
+    The host waits on the device only to check the loss: in one process every `recipe.log_every`
+    optimizer steps, when a stop is requested and at the end of the epoch (so a NaN is caught
+    before anything is saved, but the device is never drained per step); with several processes
+    once per step, where one small all_reduce must agree on NaN, stopping and empty groups anyway."""
     model.train()
     precision = autocast(device, recipe.precision)
     accum = recipe.grad_accum
@@ -270,6 +273,9 @@ def train_one_epoch(model, loader, optimizer, scaler, *, recipe: Recipe, epoch: 
     images = resume_from["images"] if resume_from else 0
     elapsed_before, start = (resume_from["time_s"] if resume_from else 0.0), time.perf_counter()
     nonfinite = torch.zeros((), device=device)
+    first_bad = torch.zeros((), device=device)   # the first micro-batch with a NaN/inf loss, 1-based
+    bad_loss = torch.zeros((), device=device)    # and its loss
+    multi = distributed.is_distributed()
     group_images = 0
     # disable=None: a bar on a terminal only, so logs and CI output stay clean.
     bar = tqdm(loader, total=total, desc=f"epoch {epoch}/{recipe.epochs}", disable=None if progress else True,
@@ -290,17 +296,27 @@ def train_one_epoch(model, loader, optimizer, scaler, *, recipe: Recipe, epoch: 
             share = _share_of_global_batch(labels.numel() * weight, device)
             scaler.scale(loss * share / group_size).backward()
         loss = loss.detach()
-        nonfinite += (~torch.isfinite(loss)).float() * weight
+        bad = (~torch.isfinite(loss)).float() * weight
+        newly_bad = (nonfinite == 0) & (bad > 0)   # kept on the device: no sync per micro-batch
+        first_bad += newly_bad.float() * (done + micro)
+        bad_loss = torch.where(newly_bad, loss.float(), bad_loss)
+        nonfinite += bad
         loss_sum += torch.nan_to_num(loss) * labels.numel() * weight
         group_images += labels.numel() * weight
         images += labels.numel() * weight
         if not last_of_group:
             continue
-        flags = distributed.all_reduce(torch.tensor([float(nonfinite), float(stop is not None and stop.requested),
-                                                     float(group_images)], device=device)).tolist()
-        if flags[0] > 0:  # every process takes the same decision
-            raise FinetuneError(f"training diverged: loss is {loss.item()} at epoch {epoch} batch {done + micro}")
-        if flags[2] > 0:  # a group in which every image was unreadable does not step
+        stop_now = stop is not None and stop.requested
+        if multi:  # every process takes the same decisions
+            flags = distributed.all_reduce(torch.tensor([float(nonfinite), float(stop_now), float(group_images)],
+                                                        device=device)).tolist()
+            _raise_if_diverged(flags[0], first_bad, bad_loss, epoch)
+            stop_now, any_images = flags[1] > 0, flags[2] > 0
+        else:
+            if stop_now or micro == total or (steps + 1) % recipe.log_every == 0:
+                _raise_if_diverged(nonfinite, first_bad, bad_loss, epoch)
+            any_images = group_images > 0
+        if any_images:  # a group in which every image was unreadable does not step
             _optimizer_step(model, optimizer, scaler, recipe.clip_grad)
             steps += 1
             if ema is not None:
@@ -308,12 +324,13 @@ def train_one_epoch(model, loader, optimizer, scaler, *, recipe: Recipe, epoch: 
         optimizer.zero_grad(set_to_none=True)
         group_images = 0
         pause_point("step")
-        if progress:
+        if progress and steps % recipe.log_every == 0:
             bar.set_postfix(loss=f"{loss.item():.4f}")
-        if flags[1] > 0 and micro < total:
+        if stop_now and micro < total:
             stopped = True
             break
     bar.close()
+    _raise_if_diverged(nonfinite, first_bad, bad_loss, epoch)   # nothing unchecked leaves the epoch
     elapsed = elapsed_before + time.perf_counter() - start
     if stopped:
         return {"stopped": True, "epoch": epoch, "batches": done + micro, "loss_sum": loss_sum.detach().cpu(),
@@ -321,6 +338,11 @@ def train_one_epoch(model, loader, optimizer, scaler, *, recipe: Recipe, epoch: 
     totals = distributed.all_reduce(torch.stack([loss_sum.float(), torch.tensor(float(images), device=device)]))
     return {"loss": (totals[0] / totals[1].clamp(min=1)).item(), "images_per_s": totals[1].item() / max(elapsed, 1e-9),
             "time_s": elapsed, "steps": steps}
+
+
+def _raise_if_diverged(nonfinite, first_bad: torch.Tensor, bad_loss: torch.Tensor, epoch: int) -> None:
+    if float(nonfinite) > 0:
+        raise FinetuneError(f"training diverged: loss is {bad_loss.item()} at epoch {epoch} batch {int(first_bad)}")
 
 
 def _loss(model, images: torch.Tensor, labels: torch.Tensor, recipe: Recipe, mixup) -> torch.Tensor:

@@ -140,6 +140,7 @@ class Recipe:
     dropout: float = bounded(0.0, ge=0, lt=1)  # embedding, projection, MLP, head; not attention probs
     freeze: str = "none"  # none | backbone (train the head only) | blocks:N (the first N frozen)
     max_steps_per_epoch: Optional[int] = bounded(None, ge=1)  # step cap per epoch (smoke tests)
+    log_every: int = bounded(10, ge=1)  # optimizer steps between host syncs: NaN check, progress bar loss
     optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
     schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
     data: DataConfig = field(default_factory=DataConfig)

@@ -224,6 +224,21 @@ def test_hymenoptera_deit_tiny_reaches_93_percent_in_5_epochs(tmp_path):
     assert result.best_val_top1 >= 0.93, [round(m["val_top1"], 4) for m in epochs]
 
 
+@pytest.mark.slow
+def test_deit_tiny_in_bf16_reaches_the_fp32_accuracy_within_one_point(tmp_path):
+    """bf16 autocast with the attention kernel `auto` measures, which is what `precision: auto` runs
+    on a GPU or an AMX CPU (issue 10), against fp32: same recipe, seed and data order."""
+    require_shared(DEIT_WEIGHTS, HYMENOPTERA)
+    final = {}
+    for precision in ("fp32", "bf16"):
+        run = tmp_path / precision
+        engine.train_recipe("hymenoptera-deit-tiny", [f"precision={precision}", "attention=auto"], out_dir=str(run),
+                            progress=False)
+        assert read_meta(run / "last.safetensors")["recipe"]["precision"] == precision
+        final[precision] = metrics_of(run)[-1]["val_top1"]
+    assert final["bf16"] >= 0.93 and abs(final["bf16"] - final["fp32"]) <= 0.01, final
+
+
 def test_grad_accumulation_equals_the_larger_batch(tmp_path):
     common = FAST_DEMO + ["epochs=1", "data.augment=none", "optimizer.name=sgd", "optimizer.lr=0.1",
                           "optimizer.momentum=0.9"]
