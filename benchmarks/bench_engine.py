@@ -2,7 +2,7 @@
 
     python -m benchmarks.bench_engine [--model B_16] [--img-size 384] [--batch-size 4] [--steps 3]
                                       [--precision auto] [--attention auto] [--json-out FILE]
-                                      [--with-fused-optimizer] [--strict]
+                                      [--strict]
 
 Runs `finetune.bench.bench` (see there: engine, pytorch-pretrained-vit fp32, timm fp32, timm bf16
 with fused attention, all in this one process in alternating rounds, median) with the default
@@ -17,9 +17,7 @@ Each is reported met or missed on the wall-clock numbers (paired medians), with 
 CPU time beside it (what the step costs when other jobs share the machine; see finetune.bench);
 the exit status is 0 unless `--strict` (then 1 when
 a target is missed), because the targets depend on the hardware: the 5x rests on AMX bf16, which a
-CPU without it cannot reach (BENCHMARKS.md). `--with-fused-optimizer` measures the engine as it would
-be with `finetune.speed.optimizer_kwargs` passed to its optimizer (a projection; a no-op once the
-engine passes them itself).
+CPU without it cannot reach (BENCHMARKS.md).
 """
 from __future__ import annotations
 
@@ -31,29 +29,6 @@ from pathlib import Path
 TARGETS = (("engine_vs_ppv_fp32", 5.0, "x pytorch-pretrained-vit fp32"),
            ("engine_vs_timm_bf16", 1.2, "x timm bf16 autocast, fused attention"),
            ("mfu", 0.40, " of the measured matmul peak"))
-
-
-def with_fused_optimizer() -> str:
-    """Make engine.build_optimizer pass speed.optimizer_kwargs (this process only)."""
-    from finetune import engine, speed
-    original = engine.build_optimizer
-
-    def build_optimizer(recipe, model):
-        optimizer = original(recipe, model)
-        flags = speed.optimizer_kwargs(next(model.parameters()).device)
-        if not flags or all(optimizer.defaults.get(k) == v for k, v in flags.items()):
-            return optimizer
-        from timm.optim import create_optimizer_v2
-        o = recipe.optimizer
-        extra = {"momentum": o.momentum} if o.name == "sgd" else {}
-        rebuilt = create_optimizer_v2(model, opt=engine.TIMM_OPTIMIZERS[o.name], lr=o.lr,
-                                      weight_decay=o.weight_decay, **extra, **flags)
-        for group in rebuilt.param_groups:
-            group["initial_lr"] = group["lr"]
-        return rebuilt
-
-    engine.build_optimizer = build_optimizer
-    return "projection: the engine's optimizer built with speed.optimizer_kwargs"
 
 
 def verdicts(result: dict) -> list:
@@ -85,12 +60,9 @@ def main(argv=None) -> int:
     parser.add_argument("--device", default=None)
     parser.add_argument("--no-baselines", action="store_true")
     parser.add_argument("--json-out", default=None, help="Also write the result as JSON here.")
-    parser.add_argument("--with-fused-optimizer", action="store_true")
     parser.add_argument("--strict", action="store_true", help="Exit 1 when a target is missed.")
     args = parser.parse_args(argv)
     from finetune.bench import bench, format_bench
-    if args.with_fused_optimizer:
-        print(with_fused_optimizer(), flush=True)
     result = bench(args.model, img_size=args.img_size, batch_size=args.batch_size, precision=args.precision,
                    device=args.device, attention=args.attention, steps=args.steps, warmup=args.warmup,
                    baselines=not args.no_baselines, log=lambda m: print(m, flush=True))

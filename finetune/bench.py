@@ -91,7 +91,7 @@ def bench(model_ref: str, img_size: Optional[int] = None, batch_size: int = 4, p
                                "optimizer": dict(BENCH_OPTIMIZER), "schedule": {"name": "none"},
                                "data": {"dataset": "digits", "workers": 0, "augment": "none"}},
                               source="<bench>")
-    optimizer = engine.build_optimizer(recipe, model)
+    optimizer = engine.build_optimizer(recipe, model, dev)   # as `finetune train` builds it: fused where torch can
     scaler = torch.amp.GradScaler(dev.type, enabled=chosen_precision == "fp16" and dev.type == "cuda")
     generator = torch.Generator().manual_seed(0)
     images = torch.randn(batch_size, 3, img_size, img_size, generator=generator)

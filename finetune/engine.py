@@ -39,7 +39,7 @@ from . import data as data_lib
 from . import distributed, methods, rundir, speed
 from .checkpoints import model_meta, save_checkpoint
 from .errors import FinetuneError
-from .evaluation import autocast, build_splits, evaluate
+from .evaluation import autocast, build_splits, eval_batch_size, evaluate
 from .loading import Pretrained, load_model, load_pretrained, model_from_pretrained
 from .recipes import Recipe, load_recipe, recipe_to_dict, resolve_path, save_recipe, with_changes
 
@@ -47,7 +47,7 @@ from .recipes import Recipe, load_recipe, recipe_to_dict, resolve_path, save_rec
 # decides which model is trained on which images, in which order.
 RESUMABLE_CHANGES = ("epochs", "optimizer.lr", "optimizer.momentum", "optimizer.weight_decay", "schedule.",
                      "early_stop_patience", "keep_best", "clip_grad", "label_smoothing", "max_steps_per_epoch",
-                     "log_every", "data.workers", "precision", "grad_checkpointing", "name")
+                     "log_every", "data.workers", "precision", "grad_checkpointing", "compile", "name")
 
 
 @dataclass
@@ -110,12 +110,14 @@ def _train(recipe: Recipe, run_dir: Path, resuming: bool, progress: bool, rank: 
         ema.module.load_state_dict(point["ema"])
     mixup = methods.make_mixup(recipe, len(splits.class_names))
     recipe, chosen = resolve_auto_settings(recipe, model, device)
+    if recipe.compile:
+        model.compile()  # in place: state_dict keys, EMA and checkpoints see the plain module
     train_model = distributed.wrap_ddp(model, device)
     multi = world_size > 1
     train_loader = data_lib.build_loader(splits.train, batch_size=recipe.batch_size, train=True,
                                          balanced=recipe.data.balanced, workers=recipe.data.workers,
                                          seed=recipe.seed, distributed=multi)
-    val_loader = data_lib.build_loader(splits.val, batch_size=recipe.batch_size, train=False,
+    val_loader = data_lib.build_loader(splits.val, batch_size=eval_batch_size(recipe), train=False,
                                        workers=recipe.data.workers, distributed=multi)
     optimizer = build_optimizer(recipe, model, device)
     scaler = torch.amp.GradScaler(device.type, enabled=recipe.precision == "fp16" and device.type == "cuda")
@@ -226,7 +228,7 @@ def _model_and_data(recipe: Recipe, run_dir: Path, point: Optional[Dict[str, Any
 
 def _evaluate_best(path: Path, dataset, recipe: Recipe, device: torch.device, multi: bool):
     model = load_model(str(path)).to(device)
-    loader = data_lib.build_loader(dataset, batch_size=recipe.batch_size, train=False,
+    loader = data_lib.build_loader(dataset, batch_size=eval_batch_size(recipe), train=False,
                                    workers=recipe.data.workers, distributed=multi)
     return evaluate(model, loader, device=device, precision=recipe.precision)
 

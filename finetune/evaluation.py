@@ -5,7 +5,9 @@
 
 Everything that scores (the engine's final test, `eval`, `predict`, soup, `compare --eval`, viz)
 goes through here: the recipe that belongs to a checkpoint (`recipe_for`), the loaders of a split
-(`split_loader`), the device (`choose_device`: CUDA when present, else CPU) and `evaluate`.
+(`split_loader`), the device (`choose_device`: CUDA when present, else CPU) and `evaluate`, in
+inference mode, under the autocast a run of the recipe uses on that device (`scoring_precision`)
+and at twice the training batch (`eval_batch_size`).
 """
 from __future__ import annotations
 
@@ -19,6 +21,7 @@ import torch.nn.functional as F
 from . import data as data_lib
 from . import distributed
 from . import rundir
+from . import speed
 from .checkpoints import StateDict, read_meta
 from .errors import FinetuneError
 from .loading import data_config_of, load_model
@@ -27,6 +30,9 @@ from .recipes import Recipe, load_recipe, recipe_from_dict, resolve_path
 PRECISION_DTYPES = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 RecipeLike = Union[Recipe, str, None]
 ScoreFn = Callable[[StateDict], float]
+# Scoring keeps no activations for a backward pass, so twice the training batch fits in the memory
+# training needed (timm's train.py validates at the training batch; torchvision's reference too).
+EVAL_BATCH_FACTOR = 2
 
 
 # -------------------------------------------------------------------------------------- device
@@ -41,6 +47,15 @@ def choose_device(device: Optional[str] = None) -> torch.device:
             raise FinetuneError(f"--device: {device!r} asked for, but CUDA is not available here; use cpu")
         return chosen
     return torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
+
+
+def scoring_precision(recipe: Optional[Recipe], device: torch.device) -> str:
+    """The autocast a run of `recipe` uses on `device`: its precision, `auto` resolved for the device."""
+    return speed.choose_precision(recipe.precision if recipe is not None else "auto", torch.device(device))[0]
+
+
+def eval_batch_size(recipe: Recipe) -> int:
+    return EVAL_BATCH_FACTOR * recipe.batch_size
 
 
 def autocast(device: torch.device, precision: str):
@@ -90,7 +105,7 @@ def split_loader(recipe: Recipe, model, split: str = "val", batch_size: Optional
     if class_names and list(class_names) != list(splits.class_names):
         raise FinetuneError(f"the checkpoint's classes {class_names[:3]}... differ from the dataset's "
                             f"{splits.class_names[:3]}...: wrong --recipe or data root?")
-    return data_lib.build_loader(dataset, batch_size=batch_size or recipe.batch_size, train=False,
+    return data_lib.build_loader(dataset, batch_size=batch_size or eval_batch_size(recipe), train=False,
                                  workers=recipe.data.workers)
 
 
@@ -141,7 +156,8 @@ def evaluate_on_split(checkpoint: Union[str, Path], recipe: RecipeLike = None, o
     """Scores of `checkpoint` on a split; with `store`, kept in its run directory's results.json."""
     chosen = recipe_for(checkpoint, recipe, overrides)
     model = load_for_scoring(checkpoint, device)
-    report = evaluate(model, split_loader(chosen, model, split, batch_size))
+    report = evaluate(model, split_loader(chosen, model, split, batch_size),
+                      precision=scoring_precision(chosen, _device_of(model)))
     report.update(checkpoint=str(checkpoint), split=split, class_names=model.finetune_info["class_names"])
     checkpoint = Path(checkpoint)
     if store and rundir.is_run_dir(checkpoint.parent):
@@ -155,11 +171,16 @@ def state_scorer(vessel: Union[str, Path], recipe: RecipeLike, split: str, devic
     resolved = recipe_for(vessel, recipe)
     model = load_for_scoring(vessel, device)
     loader = split_loader(resolved, model, split)
+    precision = scoring_precision(resolved, _device_of(model))
 
     def score(state: StateDict) -> float:
         model.load_state_dict(state)
-        return evaluate(model, loader)["top1"]
+        return evaluate(model, loader, precision=precision)["top1"]
     return score
+
+
+def _device_of(model) -> torch.device:
+    return next(model.parameters()).device
 
 
 # ------------------------------------------------------------------------------------- reports
@@ -187,8 +208,9 @@ def fraction(value: Optional[float]) -> str:
 # ------------------------------------------------------------------------------------- predict
 @torch.inference_mode()
 def predict(checkpoint: Union[str, Path], images: Sequence[str], top_k: int = 5,
-            device: Optional[str] = None) -> List[Dict[str, Any]]:
-    """For each image path: its top-k classes with probabilities."""
+            device: Optional[str] = None, batch_size: int = 32) -> List[Dict[str, Any]]:
+    """For each image path: its top-k classes with probabilities (scored `batch_size` at a time,
+    under the autocast of the checkpoint's recipe on this device)."""
     if top_k < 1:
         raise FinetuneError(f"--top-k: {top_k} is not a positive integer; use e.g. --top-k 5")
     model = load_for_scoring(checkpoint, device)
@@ -196,11 +218,16 @@ def predict(checkpoint: Union[str, Path], images: Sequence[str], top_k: int = 5,
     config = data_config_of(model)
     transform = data_lib.build_transforms(config, config["input_size"][-1], "none", train=False)
     names = model.finetune_info["class_names"] or [str(i) for i in range(model.num_classes)]
+    stored = read_meta(checkpoint).get("recipe") or {}
+    precision = speed.choose_precision(stored.get("precision", "auto"), target)[0]
     results = []
-    for path in images:
-        batch = transform(data_lib.load_image(path))[None].to(target)
-        probabilities = model(batch).float().softmax(-1)[0].cpu()
-        values, indices = probabilities.topk(min(top_k, len(names)))
-        results.append({"image": str(path), "top": [{"class": names[i], "probability": round(v, 6)}
-                                                    for v, i in zip(values.tolist(), indices.tolist())]})
+    for start in range(0, len(images), batch_size):
+        paths = list(images[start:start + batch_size])
+        batch = torch.stack([transform(data_lib.load_image(path)) for path in paths]).to(target)
+        with autocast(target, precision):
+            probabilities = model(batch).float().softmax(-1).cpu()
+        for path, row in zip(paths, probabilities):
+            values, indices = row.topk(min(top_k, len(names)))
+            results.append({"image": str(path), "top": [{"class": names[i], "probability": round(v, 6)}
+                                                        for v, i in zip(values.tolist(), indices.tolist())]})
     return results

@@ -136,6 +136,7 @@ class Recipe:
     clip_grad: Optional[float] = bounded(None, gt=0)  # max gradient norm; null = no clipping
     label_smoothing: float = bounded(0.0, ge=0, lt=1)
     grad_checkpointing: bool = False  # recompute activations in backward to save memory
+    compile: bool = False  # torch.compile the model's forward (opt-in: measured no gain on a CPU, BENCHMARKS.md)
     drop_path: float = bounded(0.0, ge=0, lt=1)  # stochastic depth, rising linearly over the blocks
     dropout: float = bounded(0.0, ge=0, lt=1)  # embedding, projection, MLP, head; not attention probs
     freeze: str = "none"  # none | backbone (train the head only) | blocks:N (the first N frozen)

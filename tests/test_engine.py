@@ -13,6 +13,7 @@ from PIL import Image
 
 from finetune import engine
 from finetune.checkpoints import read_checkpoint, read_meta
+from finetune.evaluation import predict
 from finetune.cli import main
 from finetune.recipes import load_recipe
 
@@ -178,6 +179,17 @@ def test_eval_and_predict_cli(tmp_path, capsys):
     assert len(predictions[0]["top"]) == 3 and predictions[0]["top"][0]["class"] in [str(i) for i in range(10)]
     assert abs(sum(p["probability"] for p in predictions[0]["top"])) <= 1.0 + 1e-6
 
+    images = []   # predict scores in batches: the same answers as one image at a time
+    for i, colour in enumerate([(255, 255, 255), (0, 0, 0), (120, 30, 200)]):
+        images.append(tmp_path / f"{i}.png")
+        Image.new("RGB", (8 + 4 * i, 8), colour).save(images[-1])
+    one_by_one = predict(best, images, top_k=10, batch_size=1)
+    batched = predict(best, images, top_k=10, batch_size=2)
+    assert [r["image"] for r in batched] == [str(i) for i in images]
+    for single, together in zip(one_by_one, batched):
+        assert [t["class"] for t in single["top"]][:3] == [t["class"] for t in together["top"]][:3]
+        assert max(abs(a["probability"] - b["probability"]) for a, b in zip(single["top"], together["top"])) < 1e-4
+
 
 # --------------------------------------------------------------------------- recipes wired end to end
 def write_pets_layout(root: Path, breeds=("Abyssinian", "basset_hound", "Bengal"), per_breed=4):
@@ -247,6 +259,17 @@ def test_grad_accumulation_equals_the_larger_batch(tmp_path):
     engine.train_recipe("demo", common + ["batch_size=16", "grad_accum=2", "max_steps_per_epoch=3"],
                         out_dir=str(tmp_path / "accum"), progress=False)
     assert_same_weights(tmp_path / "big" / "last.safetensors", tmp_path / "accum" / "last.safetensors", 1e-5)
+
+
+def test_compiled_training_takes_the_same_steps_as_eager(tmp_path):
+    common = FAST_DEMO + ["epochs=1", "max_steps_per_epoch=2", "data.augment=none"]
+    engine.train_recipe("demo", common, out_dir=str(tmp_path / "eager"), progress=False)
+    torch._dynamo.reset()
+    torch._dynamo.utils.counters.clear()
+    engine.train_recipe("demo", common + ["compile=true"], out_dir=str(tmp_path / "compiled"), progress=False)
+    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] > 0   # it ran compiled
+    assert read_meta(tmp_path / "compiled" / "last.safetensors")["recipe"]["compile"] is True
+    assert_same_weights(tmp_path / "eager" / "last.safetensors", tmp_path / "compiled" / "last.safetensors", 1e-4)
 
 
 def test_early_stopping_stops_when_val_stops_improving(tmp_path):
