@@ -85,7 +85,7 @@ def main(argv=None) -> int:
         for repeat in range(args.repeats):
             order = list(contenders) if repeat % 2 == 0 else list(contenders)[::-1]
             for name in order:
-                out = Path(tmp) / f"{name.split()[0]}-{repeat}-{len(times[name])}"
+                out = Path(tmp) / f"run-{repeat}-{list(contenders).index(name)}"
                 seconds, log = run(contenders[name](out), REPO)
                 times[name].append(seconds)
                 best[name].append(finetune_best(out) if name.startswith("finetune") else timm_best(log))
