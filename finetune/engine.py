@@ -121,7 +121,7 @@ def _train(recipe: Recipe, run_dir: Path, resuming: bool, progress: bool, rank: 
                                        workers=recipe.data.workers, distributed=multi)
     optimizer = build_optimizer(recipe, model, device)
     scaler = torch.amp.GradScaler(device.type, enabled=recipe.precision == "fp16" and device.type == "cuda")
-    state = _restore(point, run_dir, recipe, optimizer, scaler, rank) if point else Progress()
+    state = _restore(point, run_dir, recipe, model, optimizer, scaler, rank) if point else Progress()
     log = _open_log(run_dir, rank, stored_recipe, state, resuming)
     if rank == 0:
         say(f"run directory: {run_dir}  |  {len(splits.train)} train / {len(splits.val)} val images, "
@@ -478,11 +478,16 @@ def _checkpoint_metrics(state: Progress) -> Dict[str, Any]:
     return {k: row[k] for k in ("val_top1", "val_top5", "val_loss", "train_loss") if k in row}
 
 
-def _restore(point: Dict[str, Any], run_dir: Path, recipe: Recipe, optimizer, scaler, rank: int) -> Progress:
+def _restore(point: Dict[str, Any], run_dir: Path, recipe: Recipe, model, optimizer, scaler, rank: int) -> Progress:
     """Optimizer, scaler and RNG state from the resume point; then bring the derived files in line
     with it (a kill may have come between the commit and them)."""
     fresh_groups = [{k: v for k, v in g.items() if k != "params"} for g in optimizer.param_groups]
-    optimizer.load_state_dict(point["optimizer"])
+    saved = point["optimizer"] if "format" in point else _optimizer_state_of_0_1(point["optimizer"], model, optimizer)
+    try:
+        optimizer.load_state_dict(saved)
+    except (ValueError, KeyError) as e:
+        raise FinetuneError(f"{run_dir / rundir.STATE}: its optimizer state does not fit this run's optimizer "
+                            f"({e}); start a new run from {run_dir / rundir.LAST} instead") from None
     for group, fresh in zip(optimizer.param_groups, fresh_groups):
         group.update(fresh)  # the recipe's lr, decay and momentum, which a resume may have changed
     scaler.load_state_dict(point["scaler"])
@@ -497,6 +502,21 @@ def _restore(point: Dict[str, Any], run_dir: Path, recipe: Recipe, optimizer, sc
         _repair(run_dir, state, recipe)
     distributed.barrier()
     return state
+
+
+def _optimizer_state_of_0_1(saved: Dict[str, Any], model, optimizer) -> Dict[str, Any]:
+    """finetune 0.1's optimizer state, renumbered for today's parameter groups: 0.1 built two groups
+    itself (decay: matrices except pos_embed; then no decay), timm's factory orders them otherwise
+    (and puts cls_token with no decay). The per-parameter state (momentum, Adam moments) carries over."""
+    named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    old_order = ([n for n, p in named if p.ndim > 1 and "pos_embed" not in n]
+                 + [n for n, p in named if p.ndim <= 1 or "pos_embed" in n])
+    name_of = {id(p): n for n, p in named}
+    new_index = {name_of[id(p)]: i for i, p in enumerate(p for g in optimizer.param_groups for p in g["params"])}
+    renumbered = optimizer.state_dict()
+    renumbered["state"] = {new_index[old_order[i]]: state for i, state in saved["state"].items()
+                           if i < len(old_order) and old_order[i] in new_index}
+    return renumbered
 
 
 def _repair(run_dir: Path, state: Progress, recipe: Recipe) -> None:
