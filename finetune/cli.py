@@ -23,6 +23,18 @@ def device_option(command):
     return click.option("--device", default=None, help=DEVICE_HELP)(command)
 
 
+def split_figure_options(command):
+    """RUN_OR_CKPT, --split, --recipe, -o/--out and --device: a figure drawn from a split's data."""
+    for option in reversed((
+            click.argument("run_or_ckpt", type=click.Path()),
+            click.option("--split", type=click.Choice(SPLITS), default="val", show_default=True),
+            click.option("--recipe", default=None, help="Recipe for the data (default: the one stored in the checkpoint)."),
+            click.option("-o", "--out", required=True, type=click.Path(dir_okay=False), help="Output PNG."),
+            device_option)):
+        command = option(command)
+    return command
+
+
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
 def cli() -> None:
     """Fine-tune pretrained Vision Transformers for your own classes."""
@@ -341,11 +353,7 @@ def viz_posembed_cmd(checkpoint: str, out: str) -> None:
 
 
 @viz_group.command("confusion")
-@click.argument("run_or_ckpt", type=click.Path())
-@click.option("--split", type=click.Choice(SPLITS), default="val", show_default=True)
-@click.option("--recipe", default=None, help="Recipe for the data (default: the one stored in the checkpoint).")
-@click.option("-o", "--out", required=True, type=click.Path(dir_okay=False), help="Output PNG.")
-@device_option
+@split_figure_options
 def viz_confusion_cmd(run_or_ckpt: str, split: str, recipe: Optional[str], out: str, device: Optional[str]) -> None:
     """Confusion matrix and per-class accuracy (a run directory means its best checkpoint)."""
     from .viz import write_confusion_figure
@@ -353,11 +361,7 @@ def viz_confusion_cmd(run_or_ckpt: str, split: str, recipe: Optional[str], out: 
 
 
 @viz_group.command("tsne")
-@click.argument("run_or_ckpt", type=click.Path())
-@click.option("--split", type=click.Choice(SPLITS), default="val", show_default=True)
-@click.option("--recipe", default=None, help="Recipe for the data (default: the one stored in the checkpoint).")
-@click.option("-o", "--out", required=True, type=click.Path(dir_okay=False), help="Output PNG.")
-@device_option
+@split_figure_options
 def viz_tsne_cmd(run_or_ckpt: str, split: str, recipe: Optional[str], out: str, device: Optional[str]) -> None:
     """t-SNE of the split's pre-head (CLS) features, coloured by class."""
     from .viz import write_tsne_figure

@@ -156,8 +156,7 @@ def evaluate_on_split(checkpoint: Union[str, Path], recipe: RecipeLike = None, o
     """Scores of `checkpoint` on a split; with `store`, kept in its run directory's results.json."""
     chosen = recipe_for(checkpoint, recipe, overrides)
     model = load_for_scoring(checkpoint, device)
-    report = evaluate(model, split_loader(chosen, model, split, batch_size),
-                      precision=scoring_precision(chosen, _device_of(model)))
+    report = split_scorer(model, chosen, split, batch_size)()
     report.update(checkpoint=str(checkpoint), split=split, class_names=model.finetune_info["class_names"])
     checkpoint = Path(checkpoint)
     if store and rundir.is_run_dir(checkpoint.parent):
@@ -170,17 +169,21 @@ def state_scorer(vessel: Union[str, Path], recipe: RecipeLike, split: str, devic
     and recipe: the soup's judge. The model and loader are built once."""
     resolved = recipe_for(vessel, recipe)
     model = load_for_scoring(vessel, device)
-    loader = split_loader(resolved, model, split)
-    precision = scoring_precision(resolved, _device_of(model))
+    run = split_scorer(model, resolved, split)
 
     def score(state: StateDict) -> float:
         model.load_state_dict(state)
-        return evaluate(model, loader, precision=precision)["top1"]
+        return run()["top1"]
     return score
 
 
-def _device_of(model) -> torch.device:
-    return next(model.parameters()).device
+def split_scorer(model, recipe: Recipe, split: str, batch_size: Optional[int] = None
+                 ) -> Callable[[], Dict[str, Any]]:
+    """`evaluate` of `model`'s current weights on `split`, with the loader built once and the autocast
+    a run of `recipe` uses on the model's device."""
+    loader = split_loader(recipe, model, split, batch_size)
+    precision = scoring_precision(recipe, next(model.parameters()).device)
+    return lambda: evaluate(model, loader, precision=precision)
 
 
 # ------------------------------------------------------------------------------------- reports

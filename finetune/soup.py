@@ -48,8 +48,8 @@ from safetensors import SafetensorError, safe_open
 from . import rundir
 from .checkpoints import StateDict, read_checkpoint, read_meta, refuse_to_overwrite, tensor_shapes, write_checkpoint
 from .errors import FinetuneError
-from .evaluation import (ScoreFn, build_splits, evaluate, fraction, load_for_scoring, recipe_for, scoring_precision,
-                         split_loader, state_scorer)
+from .evaluation import (ScoreFn, build_splits, fraction, load_for_scoring, recipe_for, split_scorer,
+                         state_scorer)
 from .loading import data_config_of, load_model
 from .rundir import SPLITS, best_checkpoints
 
@@ -539,8 +539,7 @@ def test_top1(tensors: StateDict, vessel: Path, recipe: Any = None, device: Opti
     if build_splits(resolved, config["input_size"][-1], config, augment="none").test is None:
         return None
     model.load_state_dict(tensors)
-    return evaluate(model, split_loader(resolved, model, "test"),
-                    precision=scoring_precision(resolved, next(model.parameters()).device))["top1"]
+    return split_scorer(model, resolved, "test")()["top1"]
 
 
 def _metrics(split: Optional[str], score: Optional[float], reported: Optional[float]) -> Dict[str, float]:
