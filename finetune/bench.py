@@ -79,7 +79,7 @@ def bench(model_ref: str, img_size: Optional[int] = None, batch_size: int = 4, p
     dev = evaluation.choose_device(device)
     model, weights = bench_model(model_ref, num_classes, img_size)
     img_size = model.patch_embed.img_size[0]
-    chosen_precision, precision_reason = speed.choose_precision(precision, dev)
+    chosen_precision, precision_reason = speed.choose_precision(precision, dev, model, batch_size)
     model.to(dev)
     chosen_attention, attention_detail = speed.choose_attention(model, dev, chosen_precision, batch_size, attention)
     say(f"model {model_ref} ({weights}), {img_size}px, batch {batch_size}, {_device_label(dev)}")

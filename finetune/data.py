@@ -31,8 +31,6 @@ import torch
 import torchvision.datasets as tvd
 import torchvision.transforms as T
 from PIL import Image
-from sklearn.datasets import load_digits
-from sklearn.model_selection import train_test_split
 from torch.utils.data import ConcatDataset, DataLoader, Dataset, Subset
 from torch.utils.data import Sampler
 from torch.utils.data.dataloader import default_collate
@@ -245,6 +243,7 @@ def _stratified_split(targets: Sequence[int], val_split: float, test_split: floa
 def _cut(indices: np.ndarray, labels: np.ndarray, fraction: float, seed: int):
     if fraction == 0:
         return indices, indices[:0]
+    from sklearn.model_selection import train_test_split  # scipy behind it: a second of start-up, so on use
     return train_test_split(indices, test_size=fraction, random_state=seed, stratify=labels)
 
 
@@ -265,6 +264,7 @@ class DigitsDataset(Dataset):
     """scikit-learn's 8x8 digits as RGB PIL images run through an image transform."""
 
     def __init__(self, transform: Optional[Callable] = None):
+        from sklearn.datasets import load_digits
         digits = load_digits()
         # Pixel values are 0..16; stretch to 0..255 so they look like any other 8-bit image.
         self.images = np.round(digits.images * (255.0 / 16.0)).astype(np.uint8)

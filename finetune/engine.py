@@ -199,7 +199,7 @@ def _train(recipe: Recipe, run_dir: Path, resuming: bool, progress: bool, rank: 
 def resolve_auto_settings(recipe: Recipe, model, device: torch.device):
     """The recipe with `precision: auto` and `attention: auto` resolved for this model on this
     device (`finetune.speed` holds the measured rules), and a log line saying what and why."""
-    precision, why_precision = speed.choose_precision(recipe.precision, device)
+    precision, why_precision = speed.choose_precision(recipe.precision, device, model, recipe.batch_size)
     attention, why_attention = speed.choose_attention(model, device, precision, recipe.batch_size, recipe.attention)
     return (with_changes(recipe, precision=precision, attention=attention),
             f"precision {precision} ({why_precision}); attention {attention} ({why_attention})")
@@ -395,7 +395,8 @@ def build_optimizer(recipe: Recipe, model, device: Optional[torch.device] = None
     from timm.optim import create_optimizer_v2
     o = recipe.optimizer
     extra = {"momentum": o.momentum} if o.name == "sgd" else {}
-    extra.update(speed.optimizer_kwargs(device) if device is not None else {})
+    scaled = recipe.precision == "fp16" and device is not None and torch.device(device).type == "cuda"
+    extra.update(speed.optimizer_kwargs(device, o.name, grad_scaler=scaled) if device is not None else {})
     optimizer = create_optimizer_v2(model, opt=TIMM_OPTIMIZERS[o.name], lr=o.lr, weight_decay=o.weight_decay,
                                     layer_decay=o.layer_decay, **extra)
     for group in optimizer.param_groups:  # timm leaves the layer-decay factor to its scheduler

@@ -49,9 +49,11 @@ def choose_device(device: Optional[str] = None) -> torch.device:
     return torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
 
 
-def scoring_precision(recipe: Optional[Recipe], device: torch.device) -> str:
-    """The autocast a run of `recipe` uses on `device`: its precision, `auto` resolved for the device."""
-    return speed.choose_precision(recipe.precision if recipe is not None else "auto", torch.device(device))[0]
+def scoring_precision(recipe: Optional[Recipe], model: torch.nn.Module, batch_size: int = 2) -> str:
+    """The autocast to score `model` with on its device: the recipe's precision (a checkpoint's
+    recipe holds what `auto` resolved to in training), or `auto` measured for inference there."""
+    requested = recipe.precision if recipe is not None else "auto"
+    return speed.choose_precision(requested, next(model.parameters()).device, model, batch_size, train=False)[0]
 
 
 def eval_batch_size(recipe: Recipe) -> int:
@@ -182,7 +184,7 @@ def split_scorer(model, recipe: Recipe, split: str, batch_size: Optional[int] = 
     """`evaluate` of `model`'s current weights on `split`, with the loader built once and the autocast
     a run of `recipe` uses on the model's device."""
     loader = split_loader(recipe, model, split, batch_size)
-    precision = scoring_precision(recipe, next(model.parameters()).device)
+    precision = scoring_precision(recipe, model, eval_batch_size(recipe))
     return lambda: evaluate(model, loader, precision=precision)
 
 
@@ -222,7 +224,7 @@ def predict(checkpoint: Union[str, Path], images: Sequence[str], top_k: int = 5,
     transform = data_lib.build_transforms(config, config["input_size"][-1], "none", train=False)
     names = model.finetune_info["class_names"] or [str(i) for i in range(model.num_classes)]
     stored = read_meta(checkpoint).get("recipe") or {}
-    precision = speed.choose_precision(stored.get("precision", "auto"), target)[0]
+    precision = speed.choose_precision(stored.get("precision", "auto"), target, model, batch_size, train=False)[0]
     results = []
     for start in range(0, len(images), batch_size):
         paths = list(images[start:start + batch_size])

@@ -7,13 +7,14 @@
 Every rule here rests on a measurement, written beside it, because the fast choice differs between
 machines (BENCHMARKS.md has the tables and the commands that reproduce them):
 
-- **Precision.** bf16 autocast pays where the hardware multiplies bf16 natively at a higher rate than
-  fp32: NVIDIA GPUs from Ampere on (tensor cores) and Intel CPUs with AMX. On a 2-core AMX Xeon
-  (issue 10) a ViT-B/16 training step at 384 px ran 2.3x faster in bf16 than in fp32. AVX-512 BF16
-  without AMX is *not* enough: on the 2-core Xeon of BENCHMARKS.md (avx512_bf16, AMX hidden by the
-  hypervisor) oneDNN's bf16 GEMMs ran at 0.5x the fp32 GEMMs and the bf16 training step at 0.6x fp32;
-  so "auto" picks bf16 on a CPU only with AMX. fp16 is never chosen automatically (it needs a grad
-  scaler and can overflow); ask for it explicitly.
+- **Precision.** bf16 autocast pays where the hardware multiplies bf16 at a higher rate than fp32,
+  and no CPU flag tells that: measured on 2-core machines, a ViT-B/16 step at 384 px ran in bf16 at
+  2.3x fp32 on an AMX Xeon, 0.6x on an AVX-512 BF16 Xeon without AMX (oneDNN's bf16 GEMMs at half
+  the fp32 rate there) and 1.8x on an AMD EPYC with AVX-512 BF16 and no AMX. So on a CPU "auto"
+  times one block of the model in both (forward+backward, about a second, cached per CPU model,
+  torch version, threads and shape) and takes bf16 only when it wins by PRECISION_MARGIN. On CUDA
+  a rule: bf16 where the card multiplies it on tensor cores (Ampere on). fp16 is never chosen
+  automatically (it needs a grad scaler and can overflow); ask for it explicitly.
 - **Attention.** timm's `Attention` computes softmax(q k^T) v either with the fused SDPA kernel
   (`fused_attn = True`) or explicitly (two matmuls and a softmax); the results agree to float
   rounding. On GPUs the fused (flash / memory-efficient) kernel is the fast one, so CUDA takes it
@@ -23,19 +24,23 @@ machines (BENCHMARKS.md has the tables and the commands that reproduce them):
   kernels at this model's shape, in this run's precision, for about a second at start.
 - **Optimizer.** torch's fused SGD / AdamW where it has them (CUDA, CPU); see `optimizer_kwargs`.
 
-Nothing here changes the randomness of training: the measurement runs under `torch.random.fork_rng`
-with its own generator, and never runs the model itself (its weights and train/eval mode are untouched).
+Nothing here changes the randomness of training: the measurements run under `torch.random.fork_rng`
+with their own generator, and never run the model itself (the precision probe is a copy of one
+block; the model's weights and train/eval mode are untouched).
 This module sits low in the package (the engine imports it): torch, timm and `errors` only.
 """
 from __future__ import annotations
 
 import contextlib
+import copy
+import json
 import math
 import os
 import statistics
 import time
+from datetime import datetime
 from pathlib import Path
-from typing import Any, Callable, Dict, FrozenSet, List, Optional, Tuple
+from typing import Any, Callable, Dict, List, Optional, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -45,9 +50,6 @@ from .errors import FinetuneError
 PRECISION_CHOICES = ("auto", "fp32", "bf16", "fp16")
 ATTENTION_CHOICES = ("auto", "fused", "explicit")
 CPUINFO = Path("/proc/cpuinfo")
-# The CPU flags that make bf16 autocast pay (see the module docstring: AVX-512 BF16 alone measured slower).
-CPU_BF16_FAST_FLAGS = ("amx_bf16",)
-CPU_BF16_SLOW_FLAGS = ("avx512_bf16",)
 LOWP_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 
 # choose_attention's measurement: at least MIN_ROUNDS alternating rounds of both kernels, more
@@ -58,24 +60,15 @@ MIN_ROUNDS, MAX_ROUNDS = 3, 9
 MEASURE_BATCH = 2
 TIE_MARGIN = 1.03
 EXPLICIT_MEMORY_SHARE = 0.25
+# choose_precision's measurement: bf16 must beat fp32 by PRECISION_MARGIN (fp32 rounds less, so a
+# tie goes to it), on about MEASURE_ROWS token rows; verdicts kept in cache_dir() / PRECISION_CACHE.
+PRECISION_MARGIN = 1.05
+DECISIVE_RATIO = 2.0
+MEASURE_ROWS = 512
+PRECISION_CACHE = "precision.json"
 
 
 # =================================================================================== precision
-def cpu_flags(cpuinfo: Optional[str] = None) -> FrozenSet[str]:
-    """The feature flags of the CPU: the `flags` line of /proc/cpuinfo (or of the text `cpuinfo`);
-    empty where there is no such file (macOS, Windows), which every rule below reads as 'no bf16'."""
-    if cpuinfo is None:
-        try:
-            cpuinfo = CPUINFO.read_text(errors="replace")
-        except OSError:
-            return frozenset()
-    for line in cpuinfo.splitlines():
-        key, sep, value = line.partition(":")
-        if sep and key.strip() == "flags":
-            return frozenset(value.split())
-    return frozenset()
-
-
 def cpu_name(cpuinfo: Optional[str] = None) -> str:
     """`model name` of /proc/cpuinfo (as lscpu prints it), else platform.processor()."""
     if cpuinfo is None:
@@ -91,10 +84,18 @@ def cpu_name(cpuinfo: Optional[str] = None) -> str:
     return platform.processor() or platform.machine() or "unknown CPU"
 
 
-def choose_precision(requested: str, device: torch.device, cpuinfo: Optional[str] = None) -> Tuple[str, str]:
+def choose_precision(requested: str, device: torch.device, model: Optional[torch.nn.Module] = None,
+                     batch_size: int = MEASURE_BATCH, train: bool = True, budget_s: float = 1.0,
+                     timer: Optional[Callable[..., Dict[str, List[float]]]] = None) -> Tuple[str, str]:
     """(precision, reason): "auto" resolved for `device`; "fp32", "bf16" and "fp16" pass through.
 
-    `cpuinfo` replaces the text of /proc/cpuinfo (tests). The reason is one line for the run log.
+    On a CPU "auto" is a measurement, never a flag: one transformer block of `model` (a copy: its
+    own GEMM shapes and attention, at `batch_size` images capped near MEASURE_ROWS tokens), timed
+    forward + backward (`train`) or forward alone in fp32 and under bf16 autocast in alternating
+    rounds for about `budget_s`; bf16 wins only when faster by PRECISION_MARGIN. The verdict is
+    cached per (CPU model, torch version, threads, shape) in `cache_dir()`. On CUDA a rule (bf16
+    where the card multiplies it on tensor cores), logged; fp16 is never chosen automatically.
+    `timer` replaces `time_precisions` (tests of the decision rule). The reason is one log line.
     """
     if requested not in PRECISION_CHOICES:
         raise FinetuneError(f"precision: {requested!r} is not one of {', '.join(PRECISION_CHOICES)}")
@@ -103,39 +104,138 @@ def choose_precision(requested: str, device: torch.device, cpuinfo: Optional[str
         return requested, f"{requested} as requested"
     if device.type == "cuda":
         if torch.cuda.is_bf16_supported():
-            return "bf16", f"auto: bf16 ({torch.cuda.get_device_name(device)} multiplies bf16 on tensor cores)"
+            return "bf16", f"auto: bf16 ({torch.cuda.get_device_name(device)} multiplies bf16 on tensor cores; not timed)"
         return "fp32", f"auto: fp32 ({torch.cuda.get_device_name(device)} has no bf16; --precision fp16 " \
                        "uses its tensor cores with a grad scaler)"
     if device.type != "cpu":
-        return "fp32", f"auto: fp32 (no bf16 rule measured for {device.type})"
-    flags = cpu_flags(cpuinfo)
-    fast = [f for f in CPU_BF16_FAST_FLAGS if f in flags]
-    # On the real machine also ask the kernel for the AMX tile state, as oneDNN must before using it
-    # (a kernel too old for AMX, or a hypervisor that withholds it, leaves only the slow path).
-    if fast and torch.backends.mkldnn.is_available() and (cpuinfo is not None or amx_usable()):
-        return "bf16", f"auto: bf16 (CPU has {'+'.join(fast)}: AMX bf16 matmuls, measured 2.3x the fp32 step)"
-    slow = [f for f in CPU_BF16_SLOW_FLAGS if f in flags]
-    if slow:
-        return "fp32", (f"auto: fp32 (CPU has {'+'.join(slow)} but no AMX: bf16 matmuls measured 0.5x fp32 "
-                        "on such a CPU; --precision bf16 to try anyway)")
-    return "fp32", "auto: fp32 (CPU without AMX bf16)"
+        return "fp32", f"auto: fp32 (no bf16 measurement for {device.type})"
+    block = first_block(model) if model is not None else None
+    if block is None:
+        return "fp32", "auto: fp32 (no transformer block to time bf16 against fp32 on)"
+    shape = precision_shape(model, block, batch_size)
+    key = (f"{cpu_name()} | torch {torch.__version__} | {torch.get_num_threads()} threads | "
+           f"{'train' if train else 'inference'} {'x'.join(map(str, shape))}")
+    cached = None if timer is not None else _read_precision_cache(key)
+    if cached is not None:
+        times, when = cached["times"], f"measured {cached['when']}, cached"
+    else:
+        times = (timer or time_precisions)(block, shape, device, train=train, budget_s=budget_s)
+        when = f"median of {len(times['fp32'])}"
+        if timer is None:
+            _write_precision_cache(key, times)
+    fp32, bf16 = statistics.median(times["fp32"]), statistics.median(times["bf16"])
+    chosen = "bf16" if fp32 > bf16 * PRECISION_MARGIN else "fp32"
+    b, n, d = shape
+    verdict = (f"bf16 {fp32 / bf16:.2f}x fp32" if chosen == "bf16" else
+               f"bf16 {fp32 / bf16:.2f}x fp32, under the {PRECISION_MARGIN:.2f}x it must beat")
+    return chosen, (f"auto: {chosen}, {verdict} (one block {'forward+backward' if train else 'forward'}, "
+                    f"{b} images x {n} tokens x {d}, {torch.get_num_threads()} threads, {when}: "
+                    f"fp32 {fp32 * 1e3:.3g} ms, bf16 {bf16 * 1e3:.3g} ms; {cpu_name()})")
 
 
-def amx_usable() -> bool:
-    """Whether this process may use AMX tiles (Linux grants them on request; torch asks here)."""
-    init = getattr(getattr(torch._C, "_cpu", None), "_init_amx", None)
-    if init is None:
-        return True  # an older torch cannot ask: trust the flags
+def resolve_precision(requested: str, device: torch.device, model: Optional[torch.nn.Module] = None,
+                      batch_size: int = MEASURE_BATCH, train: bool = True) -> str:
+    """`choose_precision` without the reason."""
+    return choose_precision(requested, device, model, batch_size, train)[0]
+
+
+def first_block(model: torch.nn.Module) -> Optional[torch.nn.Module]:
+    """The first transformer block of `model` (timm's Block and its relatives: a module with `attn`
+    and `mlp`), through DDP, peft and EMA wrappers; None where there is none."""
+    for module in model.modules():
+        if isinstance(getattr(module, "attn", None), torch.nn.Module) and \
+                isinstance(getattr(module, "mlp", None), torch.nn.Module):
+            return module
+    return None
+
+
+def precision_shape(model: torch.nn.Module, block: torch.nn.Module, batch_size: int) -> Tuple[int, int, int]:
+    """(images, tokens, width) of the block input `choose_precision` times: the model's tokens and
+    width, and the run's batch capped at about MEASURE_ROWS token rows (the GEMMs' M; enough rows
+    for the kernels' steady-state rate, few enough to stay near a second on two cores)."""
+    vit = getattr(model, "module", model)
+    patch_embed = next((m for m in vit.modules() if isinstance(getattr(m, "num_patches", None), int)), None)
+    prefix = next((int(m.num_prefix_tokens) for m in vit.modules()
+                   if isinstance(getattr(m, "num_prefix_tokens", None), int)), 1)
+    tokens = (patch_embed.num_patches if patch_embed is not None else 196) + prefix
+    width = next(m.in_features for m in block.modules() if isinstance(m, torch.nn.Linear))  # qkv's input
+    batch = max(1, min(int(batch_size), math.ceil(MEASURE_ROWS / tokens)))
+    return batch, tokens, int(width)
+
+
+def time_precisions(block: torch.nn.Module, shape: Tuple[int, int, int], device: torch.device, train: bool = True,
+                    budget_s: float = 1.0) -> Dict[str, List[float]]:
+    """Seconds per forward (+ backward when `train`) of a float32 copy of `block` on random input
+    of `shape`, in fp32 and under bf16 autocast, in alternating rounds after one warm-up each: at
+    least MIN_ROUNDS (one when a precision is DECISIVE_RATIO times slower), more while within
+    `budget_s`, at most MAX_ROUNDS. The block itself, its
+    mode and the global RNG state are left exactly as they were."""
+    device = torch.device(device)
+    probe = copy.deepcopy(block).float().to(device).train(train)
+    for parameter in probe.parameters():
+        parameter.requires_grad_(train)
+    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+        generator = torch.Generator(device=device).manual_seed(0)
+        x = torch.randn(shape, generator=generator, device=device).requires_grad_(train)
+
+        def run(precision: str) -> float:
+            start = time.perf_counter()
+            with (contextlib.nullcontext() if train else torch.inference_mode()), autocast(device, precision):
+                out = probe(x)
+            if train:
+                out.float().sum().backward()
+                probe.zero_grad(set_to_none=True)
+                x.grad = None
+            if device.type == "cuda":
+                torch.cuda.synchronize(device)
+            return time.perf_counter() - start
+
+        return alternate_rounds({name: (lambda name=name: run(name)) for name in ("fp32", "bf16")}, budget_s,
+                                done=_decisive)
+
+
+def _decisive(times: Dict[str, List[float]]) -> bool:
+    """One precision several times slower than the other (bf16 emulated on a CPU without native bf16
+    ran a ViT-B block 6-18x slower): more rounds could not change the verdict, only cost seconds."""
+    medians = [statistics.median(v) for v in times.values()]
+    return max(medians) > DECISIVE_RATIO * min(medians)
+
+
+def cache_dir() -> Path:
+    """Where measured verdicts are kept: $FINETUNE_CACHE_DIR, else $XDG_CACHE_HOME/finetune, else
+    ~/.cache/finetune."""
+    if os.environ.get("FINETUNE_CACHE_DIR"):
+        return Path(os.environ["FINETUNE_CACHE_DIR"])
+    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "finetune"
+
+
+def _read_precision_cache(key: str) -> Optional[Dict[str, Any]]:
     try:
-        return bool(init())
-    except RuntimeError:
-        return False
+        entry = json.loads((cache_dir() / PRECISION_CACHE).read_text()).get(key)
+    except (OSError, ValueError, AttributeError):
+        return None
+    ok = isinstance(entry, dict) and all(isinstance(entry.get("times", {}).get(p), list) and entry["times"][p]
+                                         for p in ("fp32", "bf16"))
+    return entry if ok else None
 
 
-def resolve_precision(requested: str, device: torch.device, cpuinfo: Optional[str] = None) -> str:
-    """"auto" -> "bf16" where the device multiplies bf16 fast (CUDA with bf16, a CPU with AMX),
-    else "fp32"; explicit values pass through. `choose_precision` also says why."""
-    return choose_precision(requested, device, cpuinfo)[0]
+def _write_precision_cache(key: str, times: Dict[str, List[float]]) -> None:
+    """Add one verdict to the cache file, atomically; a cache that cannot be written (read-only home,
+    another process racing) only costs the next run its measurement."""
+    path = cache_dir() / PRECISION_CACHE
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            entries = json.loads(path.read_text())
+            entries = entries if isinstance(entries, dict) else {}
+        except (OSError, ValueError):
+            entries = {}
+        entries[key] = {"times": times, "when": datetime.now().strftime("%Y-%m-%d %H:%M")}
+        temp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+        temp.write_text(json.dumps(entries, indent=1))
+        os.replace(temp, path)
+    except OSError:
+        pass
 
 
 def autocast(device: torch.device, precision: str):
@@ -295,7 +395,6 @@ def time_attention_kernels(shape: Tuple[int, int, int, int], device: torch.devic
     within `budget_s`, at most MAX_ROUNDS. The global RNG state is left exactly as it was."""
     device = torch.device(device)
     dtype = LOWP_DTYPES.get(precision) or torch.float32
-    times: Dict[str, List[float]] = {name: [] for name in KERNELS}
     with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
         generator = torch.Generator(device=device).manual_seed(0)
         q, k, v, grad = (torch.randn(shape, generator=generator, device=device, dtype=dtype) for _ in range(4))
@@ -312,20 +411,31 @@ def time_attention_kernels(shape: Tuple[int, int, int, int], device: torch.devic
                 torch.cuda.synchronize(device)
             return time.perf_counter() - start
 
-        began = time.perf_counter()
-        for name in KERNELS:
-            run(name)
-        rounds = 0
-        while rounds < MIN_ROUNDS or (rounds < MAX_ROUNDS and time.perf_counter() - began < budget_s):
-            order = list(KERNELS) if rounds % 2 == 0 else list(reversed(KERNELS))
-            for name in order:
-                times[name].append(run(name))
-            rounds += 1
+        return alternate_rounds({name: (lambda name=name: run(name)) for name in KERNELS}, budget_s)
+
+
+def alternate_rounds(contenders: Dict[str, Callable[[], float]], budget_s: float,
+                     done: Optional[Callable[[Dict[str, List[float]]], bool]] = None) -> Dict[str, List[float]]:
+    """The seconds each contender's call reports, in rounds whose order alternates (so drift in the
+    machine's speed hits both alike), after one warm-up call each: at least MIN_ROUNDS unless
+    `done(times)` says the verdict is settled, more while the total stays within `budget_s`, at
+    most MAX_ROUNDS."""
+    times: Dict[str, List[float]] = {name: [] for name in contenders}
+    began = time.perf_counter()
+    for call in contenders.values():
+        call()
+    rounds = 0
+    while rounds < MIN_ROUNDS or (rounds < MAX_ROUNDS and time.perf_counter() - began < budget_s):
+        for name in (list(contenders) if rounds % 2 == 0 else list(reversed(contenders))):
+            times[name].append(contenders[name]())
+        rounds += 1
+        if done is not None and done(times):
+            break
     return times
 
 
 # =================================================================================== optimizer
-def optimizer_kwargs(device: torch.device) -> Dict[str, Any]:
+def optimizer_kwargs(device: torch.device, opt: str = "adamw", grad_scaler: bool = False) -> Dict[str, Any]:
     """Implementation flags for torch's SGD / AdamW (pass them through timm's create_optimizer_v2).
 
     `fused=True` wherever torch has fused kernels for the device (CUDA, and the CPU since torch 2.4):
@@ -342,8 +452,16 @@ def optimizer_kwargs(device: torch.device) -> Dict[str, Any]:
     (benchmarks.engine_variants: no difference measurable). The update is the same; fused kernels
     may round differently in the last bit, so a run keeps one setting throughout (a resume rebuilds
     the optimizer the same way). Elsewhere (mps, xpu, ...): {}.
+
+    Not for momentum SGD under an fp16 grad scaler (`grad_scaler`): the scaler hands a fused
+    optimizer its `found_inf` instead of skipping the step, and torch's fused SGD (2.14) allocates its
+    momentum buffers with `empty_like` on the first step and returns on `found_inf` before filling
+    them, so after an overflowing first step the next one moves the weights by uninitialised memory
+    (NaN or 1e36 seen; tests/test_cuda.py). Fused AdamW initialises its state and is safe.
     """
     device = torch.device(device)
+    if grad_scaler and opt in ("sgd", "momentum"):
+        return {}
     if device.type in _fused_optimizer_devices():
         return {"fused": True}
     return {}

@@ -21,10 +21,17 @@ def require_shared(*paths: Path) -> None:
             pytest.skip(f"{path} is absent: real-data tests need ../shared beside the checkout (CI has it)")
 
 
+@pytest.fixture(scope="session")
+def measurement_cache(tmp_path_factory):
+    """One cache of measured verdicts (precision: auto) for the whole session, never the user's."""
+    return tmp_path_factory.mktemp("measurements")
+
+
 @pytest.fixture(autouse=True)
-def offline_caches(tmp_path_factory, monkeypatch):
+def offline_caches(tmp_path_factory, monkeypatch, measurement_cache):
     """Every test runs offline against empty, private torch-hub and Hugging Face caches."""
     root = tmp_path_factory.mktemp("caches")
+    monkeypatch.setenv("FINETUNE_CACHE_DIR", str(measurement_cache))
     monkeypatch.setenv("TORCH_HOME", str(root / "torch"))
     monkeypatch.setenv("HF_HOME", str(root / "hf"))
     monkeypatch.delenv("HF_HUB_CACHE", raising=False)
