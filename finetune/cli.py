@@ -137,7 +137,7 @@ def _print_result(result, pictures: bool = True) -> None:
     click.echo(f"best val top-1 {result.best_val_top1:.4f} at epoch {result.best_epoch}{test}: {result.best_checkpoint}")
     if pictures and result.best_checkpoint:
         from .viz import write_run_pictures
-        for path in write_run_pictures(result.run_dir):
+        for path in write_run_pictures(result.run_dir, val_report=result.best_val):
             click.echo(f"picture: {path}")
 
 

@@ -58,6 +58,9 @@ class RunResult:
     best_checkpoint: Optional[Path]
     status: str
     test: Optional[Dict[str, Any]] = None
+    # The val scores (confusion included) of the best checkpoint when this process computed them,
+    # so the run's pictures need not evaluate it again; None after a resume that found it earlier.
+    best_val: Optional[Dict[str, Any]] = None
 
 
 class RunInterrupted(FinetuneError):
@@ -130,7 +133,7 @@ def _train(recipe: Recipe, run_dir: Path, resuming: bool, progress: bool, rank: 
         say(methods.describe(model, recipe))
         say(chosen)
 
-    status = "finished"
+    status, best_val = "finished", None
     try:
         for epoch in range(state.epoch + 1, recipe.epochs + 1):
             lr = set_epoch_lr(optimizer, recipe, epoch)
@@ -149,15 +152,20 @@ def _train(recipe: Recipe, run_dir: Path, resuming: bool, progress: bool, rank: 
                    "val_top5": val["top5"], "lr": lr, "images_per_s": stats["images_per_s"],
                    "time_s": stats["time_s"]}
             candidates = [_candidate(epoch, val, "raw")]
+            reports = {candidates[0]["path"]: val}
             if ema is not None:
                 ema_val = evaluate(ema.module, val_loader, device=device, precision=recipe.precision)
                 row.update(ema_val_loss=ema_val["loss"], ema_val_top1=ema_val["top1"], ema_val_top5=ema_val["top5"])
                 candidates.append(_candidate(epoch, ema_val, "ema"))
+                reports[candidates[1]["path"]] = ema_val
             score = max(c["val_top1"] for c in candidates)
             improved = not state.best or score > max(b["val_top1"] for b in state.best)
             state.epoch, state.metrics = epoch, state.metrics + [row]
             state.bad_epochs = 0 if improved else state.bad_epochs + 1
             previous_best, state.best = state.best, rundir.rank_best(state.best, candidates, recipe.keep_best)
+            if state.best and state.best[0]["path"] in reports:
+                best_val = dict(reports[state.best[0]["path"]], class_names=splits.class_names, split="val",
+                                checkpoint=str(run_dir / state.best[0]["path"]))
             _commit(run_dir, model, ema, optimizer, scaler, state, recipe, rank, epoch_done=True,
                     previous=previous_best)
             if rank == 0:
@@ -193,7 +201,7 @@ def _train(recipe: Recipe, run_dir: Path, resuming: bool, progress: bool, rank: 
             rundir.store_result(run_dir / best["path"], "test", test, as_run=True)
     log.status(status, epoch=state.epoch, best_epoch=best and best["epoch"], best_val_top1=best and best["val_top1"])
     return RunResult(run_dir, best["val_top1"] if best else float("nan"), best["epoch"] if best else 0,
-                     run_dir / best["path"] if best else None, status, test)
+                     run_dir / best["path"] if best else None, status, test, best_val)
 
 
 def resolve_auto_settings(recipe: Recipe, model, device: torch.device):

@@ -415,11 +415,14 @@ def _draw_posembed(mosaic: np.ndarray, grid: Tuple[int, int], step: int, name: s
 
 # ---------------------------------------------------------------------------- confusion matrix
 def write_confusion_figure(run_or_ckpt, out, split: str = "val", recipe: Optional[str] = None,
-                           device: Optional[str] = None) -> Path:
-    """Confusion counts (rows true, columns predicted) and per-class accuracy on a split."""
+                           device: Optional[str] = None, report: Optional[Dict[str, Any]] = None) -> Path:
+    """Confusion counts (rows true, columns predicted) and per-class accuracy on a split; `report`
+    (evaluation's scores of this checkpoint on `split`, e.g. from the training run) saves scoring it."""
     checkpoint = resolve_checkpoint(run_or_ckpt)
-    # A picture should not change what `compare` reports, so the score is not stored.
-    report = evaluate_on_split(checkpoint, recipe, split=split, device=device, store=False)
+    if report is None or Path(report.get("checkpoint", "")).resolve() != checkpoint.resolve() \
+            or report.get("split") != split:
+        # A picture should not change what `compare` reports, so the score is not stored.
+        report = evaluate_on_split(checkpoint, recipe, split=split, device=device, store=False)
     names = report["class_names"] or [str(i) for i in range(len(report["confusion"]))]
     title = (f"{_shorten(_describe(checkpoint), 60)}\n{split}: top-1 {report['top1']:.1%} "
              f"({report['n']} images)")
@@ -550,8 +553,11 @@ def _draw_curves(runs: List[Tuple[str, List[Dict[str, Any]]]], out) -> Path:
 
 
 # --------------------------------------------------------------------------------- run pictures
-def write_run_pictures(run_dir, device: Optional[str] = None) -> List[Path]:
-    """curves.png and confusion.png (best checkpoint, val split) into the run directory."""
+def write_run_pictures(run_dir, device: Optional[str] = None, val_report: Optional[Dict[str, Any]] = None
+                       ) -> List[Path]:
+    """curves.png and confusion.png (best checkpoint, val split) into the run directory; with
+    `val_report` (engine.RunResult.best_val, the training run's own scores of that checkpoint) the
+    checkpoint is not scored again."""
     run_dir = Path(run_dir)
     return [write_curves_figure([run_dir], run_dir / "curves.png"),
-            write_confusion_figure(run_dir, run_dir / "confusion.png", split="val", device=device)]
+            write_confusion_figure(run_dir, run_dir / "confusion.png", split="val", device=device, report=val_report)]

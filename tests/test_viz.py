@@ -14,7 +14,7 @@ from PIL import Image
 from timm.models.vision_transformer import VisionTransformer
 
 import finetune
-from finetune import engine, viz
+from finetune import engine, evaluation, viz
 from finetune.checkpoints import save_checkpoint
 from finetune.errors import FinetuneError
 from finetune.recipes import load_recipe
@@ -215,11 +215,15 @@ def test_model_without_position_embedding_is_a_one_line_error():
 
 # ------------------------------------------------------------------------------------- figures
 @pytest.fixture(scope="module")
-def tiny_run(tmp_path_factory):
+def tiny_result(tmp_path_factory):
     """A real run of the demo recipe (digits, 16px, patch 4): 2 epochs of 3 steps."""
     out = tmp_path_factory.mktemp("viz") / "run"
-    engine.train(load_recipe("demo", TINY_RUN), out_dir=str(out), progress=False)
-    return out
+    return engine.train(load_recipe("demo", TINY_RUN), out_dir=str(out), progress=False)
+
+
+@pytest.fixture(scope="module")
+def tiny_run(tiny_result):
+    return tiny_result.run_dir
 
 
 @pytest.fixture()
@@ -276,6 +280,24 @@ def test_run_pictures_land_in_the_run_directory(tiny_run):
     assert written == [tiny_run / "curves.png", tiny_run / "confusion.png"]
     assert_picture(written[0], viz.CURVES_FIGSIZE)
     assert_picture(written[1], viz.CONFUSION_FIGSIZE)
+
+
+def test_the_confusion_picture_after_training_reuses_the_runs_own_scores(tiny_result, tmp_path, monkeypatch):
+    # The training run's val scores of its best checkpoint are what scoring it again gives...
+    best_val = tiny_result.best_val
+    again = evaluation.evaluate_on_split(viz.resolve_checkpoint(tiny_result.run_dir), split="val", store=False)
+    assert best_val["confusion"] == again["confusion"] and best_val["class_names"] == again["class_names"]
+    assert best_val["loss"] == pytest.approx(again["loss"], rel=1e-5)
+    # ...so the picture takes them instead of scoring it again; another split's picture still scores.
+    monkeypatch.setattr(viz, "evaluate_on_split", _must_not_score)
+    out = tmp_path / "confusion.png"
+    assert_picture(viz.write_confusion_figure(tiny_result.run_dir, out, report=best_val), viz.CONFUSION_FIGSIZE)
+    with pytest.raises(AssertionError, match="scored again"):
+        viz.write_confusion_figure(tiny_result.run_dir, out, split="test", report=best_val)
+
+
+def _must_not_score(*args, **kwargs):
+    raise AssertionError("scored again")
 
 
 def test_posembed_figure_of_a_large_grid_shows_every_kth_patch(tmp_path):
