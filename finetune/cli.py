@@ -98,6 +98,14 @@ def export_cmd(checkpoint: str, out: str, layout: str, force: bool) -> None:
 
 
 # ------------------------------------------------------------------------------------- training
+def _progress(no_progress: bool) -> bool:
+    """Whether bars are drawn; --no-progress also quiets downloads (ours and the Hub's, in DDP children too)."""
+    if no_progress:
+        from .download import set_progress
+        set_progress(False)
+    return not no_progress
+
+
 @cli.command("train")
 @click.argument("recipe", required=False)
 @click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE",
@@ -121,9 +129,9 @@ def train_cmd(recipe: Optional[str], overrides: Sequence[str], out: Optional[str
         raise FinetuneError(f"train: give a RECIPE or --resume {resume}, not both (a resume reads the run's "
                             "own recipe.yaml; change keys with --set)")
     if resume:
-        result = resume_run(resume, overrides, progress=not no_progress)
+        result = resume_run(resume, overrides, progress=_progress(no_progress))
     elif recipe:
-        result = train_recipe(recipe, overrides, out_dir=out, progress=not no_progress, force=force)
+        result = train_recipe(recipe, overrides, out_dir=out, progress=_progress(no_progress), force=force)
     else:
         raise FinetuneError("train: give a RECIPE (e.g. pets37, demo, or a .yaml path) or --resume RUN_DIR")
     _print_result(result, pictures=not no_pictures)
@@ -172,7 +180,7 @@ def sweep_cmd(recipe: str, grid: Sequence[str], random_trials: Optional[int], se
     parsed = parse_grid(grid)
     out = out or f"runs/sweep-{Path(recipe).stem}"
     result = run_sweep(recipe, parsed, out, random_trials=random_trials, seed=seed, overrides=overrides,
-                       launcher=launcher, progress=not no_progress)
+                       launcher=launcher, progress=_progress(no_progress))
     click.echo("\n" + result.table + "\n")
     for line in summary_lines(result):
         click.echo(line)
@@ -389,7 +397,7 @@ def demo_cmd(out: Optional[str], overrides: Sequence[str], no_progress: bool) ->
     bought. About 1.5 minutes on 2 CPU cores; scikit-learn's bundled digits, no download.
     """
     from .demo import run_demo
-    result = run_demo(out, overrides, progress=not no_progress)
+    result = run_demo(out, overrides, progress=_progress(no_progress))
     click.echo("\n" + result.table + "\n")
     _print_result(result.run)
 

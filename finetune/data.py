@@ -21,6 +21,7 @@ from __future__ import annotations
 import contextlib
 import os
 import random
+import urllib.parse
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -361,10 +362,41 @@ def _open_torchvision(name, source: _TorchvisionSource, root: str, kwargs, trans
     # URLError, timeouts and refused connections are OSErrors; a truncated download fails its
     # checksum with a RuntimeError.
     except (OSError, RuntimeError) as e:
-        raise FinetuneError(
-            f"{name}: not found under {root} and cannot download (offline): {place_hint}; "
-            f"the download failed with {type(e).__name__}: {e}"
-        ) from None
+        raise FinetuneError(_torchvision_download_error(name, source, root, e, place_hint)) from None
+
+
+def _torchvision_urls(cls: type) -> List[str]:
+    """The URLs torchvision's download code fetches for dataset class `cls` (best effort, for messages)."""
+    if getattr(cls, "_RESOURCES", None):  # OxfordIIITPet: ((url, md5), ...)
+        return [r[0] for r in cls._RESOURCES]
+    if getattr(cls, "_file_dict", None) and getattr(cls, "_download_url_prefix", None):  # Flowers102
+        return [cls._download_url_prefix + f[0] for f in cls._file_dict.values()]
+    return [cls.url] if isinstance(getattr(cls, "url", None), str) else []  # CIFAR
+
+
+def _torchvision_download_error(name: str, source: _TorchvisionSource, root: str, e: BaseException,
+                                place_hint: str) -> str:
+    """One line: the dataset, the URL that failed, why, and what to do."""
+    import socket
+    import urllib.error
+    urls = _torchvision_urls(source.cls)
+    url = getattr(e, "url", None) or getattr(e, "filename", None) if isinstance(e, urllib.error.HTTPError) else None
+    url = url or (urls[0] if len(urls) == 1 else " / ".join(urls) or "its download URL")
+    reason = getattr(e, "reason", None)
+    if isinstance(e, urllib.error.HTTPError):
+        what = f"HTTP {e.code} {e.reason}"
+        todo = {403: "access denied: download it in a browser", 404: "the file moved: check the dataset's page"}.get(
+            e.code, "try again later")
+    elif isinstance(reason, socket.gaierror):
+        what = f"cannot resolve host {urllib.parse.urlsplit(url).hostname} ({reason.strerror or reason})"
+        todo = "check the network, DNS or the proxy (HTTPS_PROXY / HTTP_PROXY)"
+    elif isinstance(e, RuntimeError):
+        what = f"the downloaded file failed torchvision's checksum ({e})"
+        todo = f"the download was cut or the file changed: delete the archives under {root} and try again"
+    else:
+        what = f"{type(e).__name__}: {reason if reason is not None else e}"
+        todo = "check the network and try again"
+    return f"{name}: not found under {root} and the download of {url} failed: {what}; {todo}, or {place_hint}"
 
 
 # ------------------------------------------------------------------------------------ datasets

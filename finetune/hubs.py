@@ -1,32 +1,27 @@
 """Where pretrained files live, and fetching them: the torch hub cache and the Hugging Face cache.
 
-Everything here reads the environment at call time (TORCH_HOME, HF_HOME, HF_HUB_CACHE,
-HF_HUB_OFFLINE, FINETUNE_OFFLINE), so a test or a notebook can point it at another cache
-without re-importing anything. Offline, nothing is attempted over the network: a missing file
-is an immediate one-line error that says where it was looked for and how to put it there.
+Everything here reads the environment at call time (TORCH_HOME, HF_HOME, HF_HUB_CACHE, HF_ENDPOINT,
+HF_HUB_OFFLINE, FINETUNE_OFFLINE), so a test or a notebook can point it at another cache or server
+without re-importing anything. Plain URLs are fetched by `finetune.download.download` (resumable,
+retried, checked); Hugging Face files by `huggingface_hub.hf_hub_download` (which resumes and
+retries itself), with our progress setting and one-line errors. Offline, nothing is attempted over
+the network: a missing file is an immediate one-line error that says where it was looked for and how
+to put it there.
 """
 from __future__ import annotations
 
+import contextlib
+import inspect
 import os
-import shutil
-import urllib.error
 import urllib.parse
-import urllib.request
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence
 
 import torch
 
-from .checkpoints import atomic_write
+from . import download as _download
+from .download import offline  # noqa: F401 - re-exported: data.py and others import it from here
 from .errors import FinetuneError
-
-DOWNLOAD_TIMEOUT_S = 30
-
-
-def offline() -> bool:
-    """True when the user asked for no network (FINETUNE_OFFLINE=1 or HF_HUB_OFFLINE=1)."""
-    return any(os.environ.get(v, "").strip().lower() in ("1", "true", "yes", "on")
-               for v in ("FINETUNE_OFFLINE", "HF_HUB_OFFLINE"))
 
 
 # ------------------------------------------------------------------------------ torch hub cache
@@ -35,24 +30,10 @@ def torch_hub_checkpoints() -> Path:
     return Path(torch.hub.get_dir()) / "checkpoints"
 
 
-def fetch_url(ref: str, url: str, dest: Path) -> Path:
-    """`dest` if present, else download `url` there (atomically). One-line error when impossible."""
-    if dest.is_file():
-        return dest
-    how = f"download {url} on a machine with network and place it at {dest}"
-    if offline():
-        raise FinetuneError(f"{ref}: weights not cached at {dest} and offline mode is on; {how}")
-    try:
-        with urllib.request.urlopen(url, timeout=DOWNLOAD_TIMEOUT_S) as response:
-            atomic_write(dest, lambda tmp: _copy_stream(response, tmp))
-    except (urllib.error.URLError, OSError, TimeoutError) as e:
-        raise FinetuneError(f"{ref}: weights not cached at {dest} and the download failed ({e}); {how}") from e
-    return dest
-
-
-def _copy_stream(response, tmp: str) -> None:
-    with open(tmp, "wb") as f:
-        shutil.copyfileobj(response, f, length=1 << 20)
+def fetch_url(ref: str, url: str, dest: Path, *, sha256: Optional[str] = None, hint: str = "",
+              progress: Optional[bool] = None) -> Path:
+    """`dest` if present, else download `url` there (resumable, checked, atomic). One-line error when impossible."""
+    return _download.download(url, dest, sha256=sha256, ref=ref, hint=hint, progress=progress)
 
 
 # ---------------------------------------------------------------------------- Hugging Face cache
@@ -78,27 +59,71 @@ def hf_cached_file(repo_id: str, filenames: Sequence[str]) -> Optional[Path]:
     return None
 
 
-def hf_file(ref: str, repo_id: str, filenames: Sequence[str], required: bool = True) -> Optional[Path]:
+def hf_endpoint() -> str:
+    """The Hub's address: HF_ENDPOINT read now (huggingface_hub.constants reads it once, at import)."""
+    return (os.environ.get("HF_ENDPOINT") or "https://huggingface.co").rstrip("/")
+
+
+def hf_file(ref: str, repo_id: str, filenames: Sequence[str], required: bool = True,
+            revision: Optional[str] = None, progress: Optional[bool] = None) -> Optional[Path]:
     """Local path of the first of `filenames` in `repo_id`: from the cache, else downloaded.
 
     Offline, or when the download fails, a missing required file is a one-line error naming the
-    cache folder and how to fill it.
+    cache folder, the URL, the status and how to fill it.
     """
-    cached = hf_cached_file(repo_id, filenames)
+    cached = hf_cached_file(repo_id, filenames) if revision is None else None
     if cached or offline():
         return cached or _hf_missing(ref, repo_id, filenames, required, "offline mode is on")
     from huggingface_hub import hf_hub_download
     from huggingface_hub.errors import EntryNotFoundError, HfHubHTTPError, LocalEntryNotFoundError
     reason = "not found"
+    mode = _download.progress_mode(progress)
+    options: Dict[str, Any] = {}
+    if "tqdm_class" in inspect.signature(hf_hub_download).parameters:  # huggingface_hub >= 1.0
+        options["tqdm_class"] = _download.tqdm_class(mode)
     for name in filenames:
         try:
-            return Path(hf_hub_download(repo_id, name, cache_dir=str(hf_cache_dir()), etag_timeout=10))
+            with _hf_bars_off(mode is None and not options):
+                return Path(hf_hub_download(repo_id, name, revision=revision, cache_dir=str(hf_cache_dir()),
+                                            etag_timeout=10, endpoint=hf_endpoint(), **options))
         except EntryNotFoundError:
             continue
-        except (LocalEntryNotFoundError, HfHubHTTPError, OSError, ValueError) as e:
-            reason = f"download failed: {str(e).splitlines()[0][:160]}"
+        except HfHubHTTPError as e:
+            reason = f"download failed: {_hf_status(e, repo_id, name, revision)}"
+            break
+        except (LocalEntryNotFoundError, OSError, ValueError) as e:
+            cause = e.__cause__ or e.__context__ or e
+            reason = (f"download of {hf_endpoint()}/{repo_id}/resolve/{revision or 'main'}/{name} failed: "
+                      f"{type(cause).__name__}: {str(cause).splitlines()[0][:160] if str(cause) else ''}; "
+                      "check the network or HF_ENDPOINT")
             break
     return _hf_missing(ref, repo_id, filenames, required, reason)
+
+
+@contextlib.contextmanager
+def _hf_bars_off(off: bool):
+    """huggingface_hub's own bars off for one call (for versions whose hf_hub_download has no tqdm_class)."""
+    if not off:
+        yield
+        return
+    from huggingface_hub.utils import are_progress_bars_disabled, disable_progress_bars, enable_progress_bars
+    was_off = are_progress_bars_disabled()
+    disable_progress_bars()
+    try:
+        yield
+    finally:
+        if not was_off:
+            enable_progress_bars()
+
+
+def _hf_status(e, repo_id: str, name: str, revision: Optional[str]) -> str:
+    response = getattr(e, "response", None)
+    status = getattr(response, "status_code", None)
+    url = str(getattr(response, "url", "") or f"{hf_endpoint()}/{repo_id}/resolve/{revision or 'main'}/{name}")
+    advice = {401: "the repo is gated or private: run `hf auth login` (or set HF_TOKEN) with access to it",
+              403: "access denied: accept the repo's terms on the Hub and log in (`hf auth login` / HF_TOKEN)",
+              404: f"no repo {repo_id} or no such revision: check the name"}.get(status, "")
+    return f"{url} answered HTTP {status or '?'} ({type(e).__name__}){'; ' + advice if advice else ''}"
 
 
 def _hf_missing(ref, repo_id, filenames, required, reason) -> None:
@@ -126,6 +151,16 @@ def timm_hub_files(cfg: Dict[str, Any]) -> List[str]:
 def timm_url_file(url: str) -> Path:
     """Where timm caches a tag's weights downloaded from a plain URL (the torch hub cache)."""
     return torch_hub_checkpoints() / os.path.basename(urllib.parse.urlparse(url).path)
+
+
+def timm_fetch(ref: str, cfg: Dict[str, Any], progress: Optional[bool] = None) -> Path:
+    """Download the file timm would load for pretrained cfg `cfg` (its Hub repo, else its URL)."""
+    if cfg.get("hf_hub_id"):
+        repo_id, _, revision = cfg["hf_hub_id"].partition("@")
+        return hf_file(ref, repo_id, timm_hub_files(cfg), revision=revision or None, progress=progress)
+    if cfg.get("url"):
+        return fetch_url(ref, cfg["url"], timm_url_file(cfg["url"]), progress=progress)
+    raise timm_missing_error(ref, cfg, "no download location")
 
 
 def timm_cache_dir(cfg: Dict[str, Any]) -> Path:

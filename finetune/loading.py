@@ -35,7 +35,7 @@ from safetensors import SafetensorError
 from timm.layers import resample_abs_pos_embed
 from timm.models.vision_transformer import VisionTransformer
 
-from . import convert, hubs
+from . import convert, download, hubs
 from .checkpoints import StateDict, read_state_dict
 from .errors import FinetuneError
 
@@ -87,15 +87,15 @@ ZOO: Dict[str, ZooEntry] = {e.name: e for e in [
                                                "npz:imagenet21k+imagenet2012/ViT-L_32.npz")),
 ]}
 
-# pytorch-pretrained-vit's own table (pytorch_pretrained_vit/configs.py), with its release URLs.
-PPV_RELEASE = "https://github.com/lukemelas/PyTorch-Pretrained-ViT/releases/download/0.0.2/{}.pth"
+# pytorch-pretrained-vit's own table (pytorch_pretrained_vit/configs.py); its release files are
+# download.ppv_url(name) ($FINETUNE_PPV_BASE_URL, default the 0.0.2 GitHub release).
 PPV_MODELS = {  # name -> (timm architecture, num_classes, native img size)
     "B_16": ("vit_base_patch16_224", 21843, 224), "B_32": ("vit_base_patch32_224", 21843, 224),
     "L_32": ("vit_large_patch32_224", 21843, 224),
     "B_16_imagenet1k": ("vit_base_patch16_384", 1000, 384), "B_32_imagenet1k": ("vit_base_patch32_384", 1000, 384),
     "L_16_imagenet1k": ("vit_large_patch16_384", 1000, 384), "L_32_imagenet1k": ("vit_large_patch32_384", 1000, 384),
 }
-GOOGLE_BUCKET = "https://storage.googleapis.com/vit_models/{}"
+# Google's .npz files are download.npz_url(location) ($FINETUNE_NPZ_BASE_URL, default their bucket).
 
 
 # ----------------------------------------------------------------------------------- public API
@@ -281,8 +281,8 @@ def _from_ppv(ref: str, name: str) -> Pretrained:
         raise FinetuneError(f"unknown pytorch-pretrained-vit model {name!r}{_suggest(name, PPV_MODELS)}; "
                             f"known: {', '.join(PPV_MODELS)}")
     timm_name, num_classes, size = PPV_MODELS[name]
-    url = PPV_RELEASE.format(name)
-    path = hubs.fetch_url(ref, url, hubs.torch_hub_checkpoints() / Path(url).name)
+    path = hubs.fetch_url(ref, download.ppv_url(name), hubs.torch_hub_checkpoints() / f"{name}.pth",
+                          hint="FINETUNE_PPV_BASE_URL sets the folder it is fetched from")
     state, _ = read_state_dict(path)
     arch = {"timm_name": timm_name, **({"pre_logits": True} if "pre_logits.weight" in state else {})}
     return Pretrained(convert.to_timm(state, str(path)), arch, num_classes, size,
@@ -323,7 +323,9 @@ def _timm_pretrained_model(ref: str, tag: str, cfg: Dict[str, Any]) -> VisionTra
     cached = hubs.timm_cached_file(cfg)
     if cached is None and hubs.offline():
         raise hubs.timm_missing_error(ref, cfg, "offline mode is on")
-    # A cached file is handed to timm directly, so loading it never touches the network.
+    if cached is None and (cfg.get("hf_hub_id") or cfg.get("url")):
+        cached = hubs.timm_fetch(ref, cfg)  # our download (progress, resume, one-line errors), not timm's
+    # The file is handed to timm directly, so timm itself never touches the network.
     overlay = {"file": str(cached)} if cached else None
     try:
         return timm.create_model(tag, pretrained=True, pretrained_cfg_overlay=overlay,
@@ -399,7 +401,8 @@ def _npz_path(ref: str, location: str) -> Path:
     if path.is_file():
         return path
     if location.startswith(("imagenet21k/", "imagenet21k+imagenet2012/")):
-        return hubs.fetch_url(ref, GOOGLE_BUCKET.format(location), hubs.torch_hub_checkpoints() / "vit_models" / location)
+        return hubs.fetch_url(ref, download.npz_url(location), hubs.torch_hub_checkpoints() / "vit_models" / location,
+                              hint="FINETUNE_NPZ_BASE_URL sets the folder it is fetched from")
     raise FinetuneError(f"{ref}: no such file {path}; give a path to a Google ViT .npz, or "
                         "imagenet21k/ViT-B_16.npz / imagenet21k+imagenet2012/ViT-B_16.npz to use the hub cache")
 
