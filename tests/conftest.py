@@ -21,6 +21,56 @@ def require_shared(*paths: Path) -> None:
             pytest.skip(f"{path} is absent: real-data tests need ../shared beside the checkout (CI has it)")
 
 
+_OUTSIDE_CONNECTIONS: list = []
+
+
+def _is_loopback(address) -> bool:
+    if not isinstance(address, tuple):  # AF_UNIX paths, socketpairs
+        return True
+    host = str(address[0]).lower()
+    return host.startswith("127.") or host in ("::1", "localhost", "::ffff:127.0.0.1")
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _loopback_only():
+    """The suite may open no connection but to 127.0.0.1 (issue 15): every connect and name lookup
+    of this process is checked; one to anywhere else is refused and fails the test that made it,
+    even where the code under test would have swallowed the error."""
+    import socket
+    real_connect, real_connect_ex, real_getaddrinfo = socket.socket.connect, socket.socket.connect_ex, socket.getaddrinfo
+
+    def refuse(what):
+        _OUTSIDE_CONNECTIONS.append(what)
+        return ConnectionRefusedError(f"the test suite reaches only 127.0.0.1, not {what}")
+
+    def connect(self, address):
+        if not _is_loopback(address):
+            raise refuse(address)
+        return real_connect(self, address)
+
+    def connect_ex(self, address):
+        if not _is_loopback(address):
+            raise refuse(address)
+        return real_connect_ex(self, address)
+
+    def getaddrinfo(host, *args, **kwargs):
+        if host is not None and not _is_loopback((host if isinstance(host, str) else host.decode(),)):
+            raise socket.gaierror(socket.EAI_NONAME, str(refuse(host)))
+        return real_getaddrinfo(host, *args, **kwargs)
+
+    socket.socket.connect, socket.socket.connect_ex, socket.getaddrinfo = connect, connect_ex, getaddrinfo
+    yield
+    socket.socket.connect, socket.socket.connect_ex, socket.getaddrinfo = real_connect, real_connect_ex, real_getaddrinfo
+
+
+@pytest.fixture(autouse=True)
+def _no_outside_connection():
+    before = len(_OUTSIDE_CONNECTIONS)
+    yield
+    tried = _OUTSIDE_CONNECTIONS[before:]
+    assert not tried, f"this test tried to reach {tried}: tests may reach only 127.0.0.1"
+
+
 @pytest.fixture(scope="session")
 def measurement_cache(tmp_path_factory):
     """One cache of measured verdicts (precision: auto) for the whole session, never the user's."""

@@ -127,3 +127,20 @@ def test_a_scored_checkpoint_lands_on_the_chosen_device(tmp_path):
 def test_asking_for_cuda_without_it_is_a_one_line_error():
     with pytest.raises(finetune.FinetuneError, match="CUDA is not available"):
         evaluation.choose_device("cuda")
+
+
+def test_the_suite_refuses_every_connection_but_loopback():
+    import socket
+    import conftest
+    before = len(conftest._OUTSIDE_CONNECTIONS)
+    with pytest.raises(OSError):
+        socket.getaddrinfo("example.com", 443)
+    with pytest.raises(OSError):
+        socket.create_connection(("93.184.215.14", 80), timeout=1)
+    assert len(conftest._OUTSIDE_CONNECTIONS) == before + 2
+    del conftest._OUTSIDE_CONNECTIONS[before:]  # seen and expected: not this test's failure
+    server = socket.socket()
+    server.bind(("127.0.0.1", 0))
+    server.listen(1)
+    socket.create_connection(server.getsockname(), timeout=1).close()  # loopback stays open
+    server.close()
