@@ -144,9 +144,12 @@ def _print_result(result, pictures: bool = True) -> None:
     click.echo(f"run: {result.run_dir}  ({result.status})")
     click.echo(f"best val top-1 {result.best_val_top1:.4f} at epoch {result.best_epoch}{test}: {result.best_checkpoint}")
     if pictures and result.best_checkpoint:
+        from .tracking import attach
         from .viz import write_run_pictures
-        for path in write_run_pictures(result.run_dir, val_report=result.best_val):
+        paths = write_run_pictures(result.run_dir, val_report=result.best_val)
+        for path in paths:
             click.echo(f"picture: {path}")
+        attach(result.run_dir, paths)  # the trackers of the run get the pictures drawn after it
 
 
 @cli.command("sweep")

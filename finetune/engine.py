@@ -36,7 +36,7 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from . import data as data_lib
-from . import distributed, methods, rundir, speed
+from . import distributed, methods, rundir, speed, tracking
 from .checkpoints import model_meta, save_checkpoint
 from .errors import FinetuneError
 from .evaluation import autocast, build_splits, eval_batch_size, evaluate
@@ -47,7 +47,7 @@ from .recipes import Recipe, load_recipe, recipe_to_dict, resolve_path, save_rec
 # decides which model is trained on which images, in which order.
 RESUMABLE_CHANGES = ("epochs", "optimizer.lr", "optimizer.momentum", "optimizer.weight_decay", "schedule.",
                      "early_stop_patience", "keep_best", "clip_grad", "label_smoothing", "max_steps_per_epoch",
-                     "log_every", "data.workers", "precision", "grad_checkpointing", "compile", "name")
+                     "log_every", "data.workers", "precision", "grad_checkpointing", "compile", "name", "tracking")
 
 
 @dataclass
@@ -89,6 +89,7 @@ def train(recipe: Recipe, out_dir: Optional[str] = None, resume: Optional[str] =
     rank, world_size, device = distributed.setup()
     try:
         recipe = _with_absolute_paths(recipe)
+        tracking.require(recipe.tracking)  # on every rank, before any work: a missing package is one line
         run_dir = _agree_on_run_dir(out_dir, recipe.name, resume, force, rank)
         with _locked(run_dir, rank), StopSignals() as stop:
             return _train(recipe, run_dir, resume is not None, progress, rank, world_size, device, stop)
@@ -609,7 +610,7 @@ class RunLog:
 
     def epoch(self, row: Dict[str, Any]) -> None:
         if self.writer:
-            self.writer.tensorboard_row(row)
+            self.writer.epoch(row)  # TensorBoard, MLflow, W&B as the recipe's `tracking` says
 
     def status(self, state: str, **details: Any) -> None:
         if self.writer:
@@ -626,7 +627,8 @@ def _open_log(run_dir: Path, rank: int, recipe: Recipe, state: Progress, resumin
     if not resuming or state.epoch == 0 and state.in_epoch is None:
         rundir.reset(run_dir)  # a new run, or one whose first epoch never finished: start clean
     save_recipe(recipe, run_dir / rundir.RECIPE)
-    writer = rundir.RunWriter(run_dir, first_epoch=state.epoch + 1)
+    trackers = tracking.Trackers(run_dir, recipe_to_dict(recipe), first_epoch=state.epoch + 1)
+    writer = rundir.RunWriter(run_dir, trackers)
     writer.status("running", epoch=state.epoch, pid=os.getpid())
     return RunLog(writer)
 

@@ -35,6 +35,7 @@ OptimizerName = Literal["sgd", "adamw"]
 ScheduleName = Literal["step", "cosine", "none"]
 Dataset = Literal["imagefolder", "oxford_pets", "cifar10", "cifar100", "flowers102", "digits"]
 Augment = Literal["none", "flip", "affine", "crop_flip", "randaugment"]
+TrackerName = Literal["tensorboard", "mlflow", "wandb"]
 
 PRECISIONS = get_args(Precision)
 ATTENTIONS = get_args(Attention)
@@ -42,6 +43,7 @@ OPTIMIZERS = get_args(OptimizerName)
 SCHEDULES = get_args(ScheduleName)
 DATASETS = get_args(Dataset)
 AUGMENTS = get_args(Augment)
+TRACKERS = get_args(TrackerName)
 TORCHVISION_DATASETS = ("oxford_pets", "cifar10", "cifar100", "flowers102")
 DEFAULT_DOWNLOAD_ROOT = "data/"
 
@@ -65,8 +67,9 @@ def bounded(default: Any, **bounds: float) -> Any:
 
 # ----------------------------------------------------------------------------------------- schema
 # A key is one line: `name: type = default`, or `= bounded(default, ge=..., lt=...)`; the type is
-# bool, int, float, str, a Literal of choices, Optional[...] of those (null allowed), or a section
-# (a dataclass here, `field(default_factory=...)` in its parent). Dotted keys name nested ones.
+# bool, int, float, str, a Literal of choices, Optional[...] of those (null allowed), List[a Literal]
+# (a list of choices; also written `a,b` or `none`), or a section (a dataclass here,
+# `field(default_factory=...)` in its parent). Dotted keys name nested ones.
 @dataclass
 class OptimizerConfig:
     name: OptimizerName = "sgd"
@@ -148,6 +151,9 @@ class Recipe:
     model_ema: ModelEmaConfig = field(default_factory=ModelEmaConfig)
     mixup: MixupConfig = field(default_factory=MixupConfig)
     lora: LoraConfig = field(default_factory=LoraConfig)
+    # Experiment trackers fed per epoch (finetune/tracking.py): a list, or `tensorboard,mlflow`;
+    # none or [] = no tracker (metrics.jsonl is written anyway)
+    tracking: List[TrackerName] = field(default_factory=lambda: ["tensorboard"])
     # Where the recipe came from (a file path or "<dict>"): not a recipe key, never serialised
     # nor compared; `resolve_path` uses it to find the repo root.
     source: str = field(default="<dict>", compare=False, repr=False)
@@ -206,10 +212,26 @@ def _section_of(schema: type, name: str) -> Optional[type]:
     return kind if dataclasses.is_dataclass(kind) else None
 
 
+def _choices_of_list(k: _Key) -> Optional[tuple]:
+    """The choices of a List[Literal[...]] key, else None."""
+    return get_args(get_args(k.kind)[0]) if get_origin(k.kind) is list else None
+
+
+def _as_list(value: Any) -> Any:
+    """A list key's value as a list: `a,b` and `none` are lists too; anything else is left as is."""
+    if isinstance(value, str):
+        names = [part.strip() for part in value.split(",") if part.strip()]
+        return [] if names == ["none"] else names
+    return value
+
+
 def _allowed(k: _Key) -> str:
     """Completes "VALUE is not ...", e.g. "a number > 0 and <= 1 or null"."""
     if k.allowed:
         text = k.allowed
+    elif _choices_of_list(k) is not None:
+        choices = _choices_of_list(k)
+        text = f"a list of {', '.join(choices)} (e.g. {choices[0]},{choices[1]}) or none"
     elif get_origin(k.kind) is Literal:
         text = f"one of {', '.join(get_args(k.kind))}"
     elif dataclasses.is_dataclass(k.kind):
@@ -223,6 +245,8 @@ def _allowed(k: _Key) -> str:
 def _accepts(k: _Key, value: Any) -> bool:
     if value is None:
         return k.nullable
+    if _choices_of_list(k) is not None:
+        return isinstance(value, list) and all(isinstance(v, str) and v in _choices_of_list(k) for v in value)
     if get_origin(k.kind) is Literal:
         return isinstance(value, str) and value in get_args(k.kind)
     if k.kind is str:
@@ -315,6 +339,11 @@ def _build(schema: type, raw: Any, prefix: str, ctx: _Context) -> Any:
 def _checked(k: _Key, value: Any, dotted: str, ctx: _Context) -> Any:
     if dataclasses.is_dataclass(k.kind) and (value is None or isinstance(value, dict)):
         return _build(k.kind, value or {}, f"{dotted}.", ctx)  # null: every sub-key commented out
+    if _choices_of_list(k) is not None:
+        listed = _as_list(value)
+        if not _accepts(k, listed):
+            raise ctx.fail(dotted, f"{_show(value)} is not {_allowed(k)}")
+        return list(dict.fromkeys(listed))  # each once, in the order given
     if not _accepts(k, value):
         raise ctx.fail(dotted, f"{_show(value)} is not {_allowed(k)}")
     return float(value) if k.kind is float and value is not None else value

@@ -3,7 +3,8 @@
 
     recipe.yaml       the resolved recipe (overrides applied, paths made absolute)
     metrics.jsonl     one JSON object per epoch (train/val loss, top-1, top-5, lr, images/s)
-    tb/               the same metrics for TensorBoard
+    tb/               the same metrics for TensorBoard (when the recipe's `tracking` has tensorboard)
+    tracking.json     the ids of the run's MLflow / W&B runs, so that a resume continues them
     last.safetensors  the model after the latest finished epoch, + last.state.pt beside it
                       (optimizer, scheduler, RNG, early-stopping state) for --resume
     epoch-NNN.safetensors   the `keep_best` best epochs by val top-1, indexed by best.json
@@ -49,6 +50,7 @@ LAST = "last.safetensors"
 STATE = "last.state.pt"
 TENSORBOARD = "tb"
 LOCK = "run.lock"
+TRACKING = "tracking.json"
 SPLITS = ("val", "test")
 RESUME_FORMAT = "finetune.resume/2"
 EPOCH_CHECKPOINT = re.compile(r"^epoch-(\d+)(-ema)?\.safetensors$")
@@ -244,25 +246,21 @@ def write_status(run_dir: Path, state: str, **details: Any) -> Path:
 
 
 class RunWriter:
-    """TensorBoard and status.json, for the one process writing a run (rank 0)."""
+    """status.json and the run's experiment trackers (`finetune.tracking.Trackers`: TensorBoard,
+    MLflow, W&B as the recipe says), for the one process writing a run (rank 0)."""
 
-    def __init__(self, run_dir: Path, first_epoch: int = 1):
-        self.run_dir = Path(run_dir)
-        from torch.utils.tensorboard import SummaryWriter  # slow import: only when a run writes
-        # purge_step drops the events of epochs that a resumed run trains again.
-        self.tensorboard = SummaryWriter(str(self.run_dir / TENSORBOARD), purge_step=first_epoch)
+    def __init__(self, run_dir: Path, trackers: Any):
+        self.run_dir, self.trackers = Path(run_dir), trackers
 
-    def tensorboard_row(self, metrics: Dict[str, Any]) -> None:
-        for key, value in metrics.items():
-            if key != "epoch" and isinstance(value, (int, float)):
-                self.tensorboard.add_scalar(key, value, metrics["epoch"])
-        self.tensorboard.flush()
+    def epoch(self, metrics: Dict[str, Any]) -> None:
+        self.trackers.epoch(metrics)
 
     def status(self, state: str, **details: Any) -> None:
         write_status(self.run_dir, state, **details)
+        self.trackers.finish(state, details)  # only an end (finished, failed, ...) reaches the trackers
 
     def close(self) -> None:
-        self.tensorboard.close()
+        self.trackers.close()
 
 
 # ---------------------------------------------------------------------------------- the lock
@@ -404,6 +402,6 @@ def remove_leftovers(run_dir: Path, kept: List[Dict[str, Any]]) -> List[str]:
 
 def reset(run_dir: Path) -> None:
     """Forget the derived files of a run that never committed an epoch, to start it over."""
-    for name in (METRICS, BEST, RESULTS, LAST):
+    for name in (METRICS, BEST, RESULTS, LAST, TRACKING):
         (Path(run_dir) / name).unlink(missing_ok=True)
     remove_leftovers(run_dir, [])
