@@ -47,7 +47,7 @@ from .recipes import Recipe, load_recipe, recipe_to_dict, resolve_path, save_rec
 # decides which model is trained on which images, in which order.
 RESUMABLE_CHANGES = ("epochs", "optimizer.lr", "optimizer.momentum", "optimizer.weight_decay", "schedule.",
                      "early_stop_patience", "keep_best", "clip_grad", "label_smoothing", "max_steps_per_epoch",
-                     "log_every", "data.workers", "precision", "grad_checkpointing", "compile", "name", "tracking")
+                     "log_every", "data.workers", "precision", "attention", "grad_checkpointing", "compile", "name", "tracking")
 
 
 @dataclass
@@ -113,7 +113,7 @@ def _train(recipe: Recipe, run_dir: Path, resuming: bool, progress: bool, rank: 
     if ema is not None and point and point.get("ema") is not None:
         ema.module.load_state_dict(point["ema"])
     mixup = methods.make_mixup(recipe, len(splits.class_names))
-    recipe, chosen = resolve_auto_settings(recipe, model, device)
+    recipe, chosen = resolve_auto_settings(recipe, model, device, point.get("resolved") if point else None)
     if recipe.compile:
         model.compile()  # in place: state_dict keys, EMA and checkpoints see the plain module
     train_model = distributed.wrap_ddp(model, device)
@@ -205,13 +205,41 @@ def _train(recipe: Recipe, run_dir: Path, resuming: bool, progress: bool, rank: 
                      run_dir / best["path"] if best else None, status, test, best_val)
 
 
-def resolve_auto_settings(recipe: Recipe, model, device: torch.device):
+def resolve_auto_settings(recipe: Recipe, model, device: torch.device, earlier: Optional[Dict[str, str]] = None):
     """The recipe with `precision: auto` and `attention: auto` resolved for this model on this
-    device (`finetune.speed` holds the measured rules), and a log line saying what and why."""
-    precision, why_precision = speed.choose_precision(recipe.precision, device, model, recipe.batch_size)
-    attention, why_attention = speed.choose_attention(model, device, precision, recipe.batch_size, recipe.attention)
+    device (`finetune.speed` measures), and a log line saying what and why.
+
+    A resumed run keeps what its start resolved `auto` to (`earlier`, from the resume point) on the
+    same kind of device: a measurement that came out otherwise this time would change the kernels
+    mid-run and the resume would no longer be exact. Under DDP rank 0 measures and every process
+    takes its verdict (each timing its own would let ranks run different kernels)."""
+    earlier = earlier if earlier and earlier.get("device") == device.type else {}
+    requested = {key: earlier[key] if getattr(recipe, key) == "auto" and earlier.get(key) else getattr(recipe, key)
+                 for key in ("precision", "attention")}
+    kept = [key for key in requested if requested[key] != getattr(recipe, key)]
+    if distributed.is_distributed() and "auto" in requested.values():
+        if distributed.rank() == 0:
+            requested = _measured(recipe, model, device, requested)[0]
+        requested = distributed.broadcast_object(requested)
+    chosen, (why_precision, why_attention) = _measured(recipe, model, device, requested)
+    precision, attention = chosen["precision"], chosen["attention"]
+    if kept:
+        why_precision, why_attention = (f"{why} (auto, as resolved when this run started)" if key in kept else why
+                                        for key, why in (("precision", why_precision), ("attention", why_attention)))
     return (with_changes(recipe, precision=precision, attention=attention),
             f"precision {precision} ({why_precision}); attention {attention} ({why_attention})")
+
+
+def _measured(recipe: Recipe, model, device: torch.device, requested: Dict[str, str]):
+    precision, why_precision = speed.choose_precision(requested["precision"], device, model, recipe.batch_size)
+    attention, why_attention = speed.choose_attention(model, device, precision, recipe.batch_size,
+                                                      requested["attention"])
+    return {"precision": precision, "attention": attention}, (why_precision, why_attention)
+
+
+def resolved_settings(recipe: Recipe, device: torch.device) -> Dict[str, str]:
+    """What a resume point keeps of `auto`'s verdicts (see resolve_auto_settings)."""
+    return {"precision": recipe.precision, "attention": recipe.attention, "device": device.type}
 
 
 def _candidate(epoch: int, scores: Dict[str, Any], weights: str) -> Dict[str, Any]:
@@ -456,7 +484,8 @@ def _commit(run_dir: Path, model, ema, optimizer, scaler, state: Progress, recip
         "bad_epochs": state.bad_epochs, "metrics": state.metrics, "model": _cpu_state(model),
         "ema": _cpu_state(ema.module) if ema is not None else None,
         "model_meta": json.dumps(model_meta(model)), "optimizer": optimizer.state_dict(),
-        "scaler": scaler.state_dict(), "rng": rngs})
+        "scaler": scaler.state_dict(), "rng": rngs,
+        "resolved": resolved_settings(recipe, next(model.parameters()).device)})
     pause_point("after-commit")
     if epoch_done:
         _derive_files(run_dir, model, state, recipe, meta, previous or [])

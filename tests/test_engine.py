@@ -22,7 +22,8 @@ from conftest import DEIT_WEIGHTS, HYMENOPTERA, REPO, require_shared
 # fp32: these tests compare arithmetic (DDP vs one process, accumulation vs a larger batch), which
 # bf16 autocast (precision auto on a CPU with AMX) would round differently.
 FAST_DEMO = ["epochs=3", "schedule.warmup_epochs=0", "max_steps_per_epoch=4", "batch_size=32", "precision=fp32",
-             "model=scratch:patch_size=4,embed_dim=32,depth=2,num_heads=2,mlp_ratio=2"]
+             "model=scratch:patch_size=4,embed_dim=32,depth=2,num_heads=2,mlp_ratio=2",
+             "attention=fused"]  # and one kernel: runs each timing their own (auto) may differ in rounding
 
 
 def metrics_of(run_dir: Path):
@@ -296,3 +297,29 @@ def test_resume_of_a_folder_that_is_no_run_is_a_one_line_error(tmp_path, capsys)
             main(["train", "--resume", str(folder)])
         err = capsys.readouterr().err
         assert exit_info.value.code == 2 and err.count("\n") == 1 and str(folder) in err, err
+
+
+def _attention_timer(winner: str):
+    def timed(shape, device, precision, dropout=0.0, budget_s=1.0):
+        return {name: [1e-3 if name == winner else 3e-3] * 3 for name in ("fused", "explicit")}
+    return timed
+
+
+def test_a_resume_keeps_the_kernels_auto_chose_when_the_run_started(tmp_path, monkeypatch, capsys):
+    from finetune import speed
+    run = tmp_path / "run"
+    overrides = [o for o in FAST_DEMO if not o.startswith("attention=")] + ["epochs=1", "attention=auto"]
+    monkeypatch.setattr(speed, "time_attention_kernels", _attention_timer("explicit"))
+    engine.train_recipe("demo", overrides, out_dir=str(run), progress=False)
+    assert read_meta(run / "last.safetensors")["recipe"]["attention"] == "explicit"
+    # This time fused would measure faster; the resumed run keeps the kernel it started with...
+    monkeypatch.setattr(speed, "time_attention_kernels", _attention_timer("fused"))
+    capsys.readouterr()
+    engine.resume_run(str(run), ["epochs=2"], progress=False)
+    assert read_meta(run / "last.safetensors")["recipe"]["attention"] == "explicit"
+    assert "attention explicit (explicit as requested (auto, as resolved when this run started))" in capsys.readouterr().out
+    # ...while a new run measures afresh, and an explicit --set on resume still wins.
+    engine.train_recipe("demo", overrides, out_dir=str(tmp_path / "new"), progress=False)
+    assert read_meta(tmp_path / "new" / "last.safetensors")["recipe"]["attention"] == "fused"
+    engine.resume_run(str(run), ["epochs=3", "attention=fused"], progress=False)
+    assert read_meta(run / "last.safetensors")["recipe"]["attention"] == "fused"

@@ -14,7 +14,8 @@ from finetune.loading import load_model
 from finetune.recipes import load_recipe
 
 TINY = ["model=scratch:patch_size=4,embed_dim=32,depth=2,num_heads=2,mlp_ratio=2", "batch_size=32",
-        "schedule.warmup_epochs=0", "max_steps_per_epoch=3", "precision=fp32", "data.augment=none"]
+        "schedule.warmup_epochs=0", "max_steps_per_epoch=3", "precision=fp32", "data.augment=none",
+        "attention=fused"]  # runs compared bitwise must not each time their own kernel (auto)
 
 
 def tiny_vit(depth=3):

@@ -30,7 +30,8 @@ from finetune.recipes import load_recipe
 from conftest import REPO
 
 TINY = ["model=scratch:patch_size=4,embed_dim=32,depth=2,num_heads=2,mlp_ratio=2", "batch_size=32",
-        "schedule.warmup_epochs=0", "keep_best=2"]
+        "schedule.warmup_epochs=0", "keep_best=2",
+        "attention=fused"]  # runs compared bitwise must not each time their own kernel (auto)
 # workers and augmentation on: the case whose RNG used to drift on resume.
 AUGMENTED = TINY + ["epochs=4", "max_steps_per_epoch=5", "data.workers=2", "data.augment=affine"]
 TIMING = ("images_per_s", "time_s")

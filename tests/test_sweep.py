@@ -24,7 +24,8 @@ from conftest import DEIT_WEIGHTS, HYMENOPTERA, REPO, require_shared
 
 # Tiny trials on scikit-learn's digits (with a test split): a few seconds each.
 TINY = ["model=scratch:patch_size=4,embed_dim=32,depth=1,num_heads=2,mlp_ratio=2", "batch_size=32", "precision=fp32",
-        "epochs=2", "max_steps_per_epoch=2", "schedule.warmup_epochs=0", "keep_best=2", "data.workers=0"]
+        "epochs=2", "max_steps_per_epoch=2", "schedule.warmup_epochs=0", "keep_best=2", "data.workers=0",
+        "attention=fused"]
 GRID = {"optimizer.lr": [0.001, 0.003, 0.01]}
 NAMES = ["trial-000-lr0.001", "trial-001-lr0.003", "trial-002-lr0.01"]
 
