@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import os
+import sys
 from pathlib import Path
 
 import pytest
@@ -40,7 +41,10 @@ def _loopback_only():
     real_connect, real_connect_ex, real_getaddrinfo = socket.socket.connect, socket.socket.connect_ex, socket.getaddrinfo
 
     def refuse(what):
+        import traceback
         _OUTSIDE_CONNECTIONS.append(what)
+        print(f"refused a connection to {what}, from:\n{''.join(traceback.format_stack(limit=40)[:-2])}",
+              file=sys.stderr)
         return ConnectionRefusedError(f"the test suite reaches only 127.0.0.1, not {what}")
 
     def connect(self, address):

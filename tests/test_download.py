@@ -144,6 +144,15 @@ def server(monkeypatch):
     monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", False)  # read once, at its import
     s = Server()
     monkeypatch.setenv("HF_ENDPOINT", s.url)
+    # huggingface_hub 2.x builds its user agent from a registry it fetches from constants.ENDPOINT,
+    # read once at its import (huggingface.co here, where HF_ENDPOINT is set only now; a user sets it
+    # before starting): give it the empty registry it falls back to offline, so it asks nobody.
+    import importlib
+    try:
+        detect_agent = importlib.import_module("huggingface_hub.utils._detect_agent")
+        monkeypatch.setattr(detect_agent, "_registry", {"standardEnvVars": [], "harnesses": {}})
+    except ImportError:  # older huggingface_hub: no such call
+        pass
     yield s
     s.close()
 
