@@ -145,6 +145,9 @@ class MlflowTracker(Tracker):
             os.environ.setdefault(name, value)
         # A resume goes back to the server the run was started on unless MLFLOW_TRACKING_URI says otherwise.
         uri = os.environ.get("MLFLOW_TRACKING_URI") or saved.get("tracking_uri") or mlflow.get_tracking_uri()
+        if uri.startswith("file:") or "://" not in uri and not uri.startswith("sqlite"):
+            # The user named a file store; mlflow >= 3 refuses one unless this is set (it deprecates them).
+            os.environ.setdefault("MLFLOW_ALLOW_FILE_STORE", "true")
         self.client = MlflowClient(tracking_uri=uri)
         params = {k: "null" if v is None else str(v)[:500] for k, v in flatten(recipe).items()}
         run = self._existing(saved.get("run_id"))

@@ -25,10 +25,20 @@ TINY = ["epochs=2", "max_steps_per_epoch=2", "schedule.warmup_epochs=0", "batch_
 def mlflow_store(tmp_path, monkeypatch):
     pytest.importorskip("mlflow")
     monkeypatch.setenv("MLFLOW_TRACKING_URI", (tmp_path / "mlruns").as_uri())
-    monkeypatch.setenv("MLFLOW_ALLOW_FILE_STORE", "true")  # mlflow 3.x refuses file stores without it
+    # mlflow >= 3 refuses a file store unless MLFLOW_ALLOW_FILE_STORE is set: the tracker sets it for a
+    # store the user named, so the test leaves it unset (and undone after the test).
+    monkeypatch.setenv("MLFLOW_ALLOW_FILE_STORE", "")
+    monkeypatch.delenv("MLFLOW_ALLOW_FILE_STORE")
     forget_http_defaults(monkeypatch)
-    from mlflow.tracking import MlflowClient
-    return MlflowClient()
+    return ClientAfterTheRun()
+
+
+class ClientAfterTheRun:
+    """mlflow's client, made at first use, after the run: reading a file store back needs the flag the run set."""
+    def __getattr__(self, name):
+        from mlflow.tracking import MlflowClient
+        client = self.__dict__.setdefault("client", MlflowClient())
+        return getattr(client, name)
 
 
 def forget_http_defaults(monkeypatch):
