@@ -218,10 +218,13 @@ def resolve_auto_settings(recipe: Recipe, model, device: torch.device, earlier: 
                  for key in ("precision", "attention")}
     kept = [key for key in requested if requested[key] != getattr(recipe, key)]
     if distributed.is_distributed() and "auto" in requested.values():
-        if distributed.rank() == 0:
-            requested = _measured(recipe, model, device, requested)[0]
-        requested = distributed.broadcast_object(requested)
-    chosen, (why_precision, why_attention) = _measured(recipe, model, device, requested)
+        chosen, whys = _measured(recipe, model, device, requested) if distributed.rank() == 0 else (None, None)
+        chosen = distributed.broadcast_object(chosen)
+        if distributed.rank() != 0:
+            chosen, whys = _measured(recipe, model, device, chosen)  # rank 0's verdict, set on this model
+    else:
+        chosen, whys = _measured(recipe, model, device, requested)
+    why_precision, why_attention = whys
     precision, attention = chosen["precision"], chosen["attention"]
     if kept:
         why_precision, why_attention = (f"{why} (auto, as resolved when this run started)" if key in kept else why
