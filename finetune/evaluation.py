@@ -91,7 +91,16 @@ def build_splits(recipe: Recipe, img_size: int, data_config: Dict[str, Any], aug
     return data_lib.build_datasets(recipe.data.dataset, root, img_size=img_size, data_config=data_config,
                                    augment=augment or recipe.data.augment, val_split=recipe.data.val_split,
                                    test_split=recipe.data.test_split, seed=recipe.seed,
-                                   random_erasing=recipe.data.random_erasing)
+                                   random_erasing=recipe.data.random_erasing, options=source_options(recipe))
+
+
+def source_options(recipe: Recipe) -> "data_lib.SourceOptions":
+    data = recipe.data
+    return data_lib.SourceOptions(
+        image_key=data.image_key, label_key=data.label_key, split_key=data.split_key,
+        label_separator=data.label_separator,
+        class_names=tuple(data.class_names) if data.class_names else None,
+        multilabel=recipe.task == "multilabel")
 
 
 def split_loader(recipe: Recipe, model, split: str = "val", batch_size: Optional[int] = None):

@@ -33,7 +33,8 @@ Precision = Literal["auto", "fp32", "bf16", "fp16"]
 Attention = Literal["auto", "fused", "explicit"]
 OptimizerName = Literal["sgd", "adamw"]
 ScheduleName = Literal["step", "cosine", "none"]
-Dataset = Literal["imagefolder", "oxford_pets", "cifar10", "cifar100", "flowers102", "digits"]
+Dataset = Literal["imagefolder", "oxford_pets", "cifar10", "cifar100", "flowers102", "digits", "csv", "hf", "webdataset"]
+Task = Literal["classification", "multilabel"]
 Augment = Literal["none", "flip", "affine", "crop_flip", "randaugment"]
 TrackerName = Literal["tensorboard", "mlflow", "wandb"]
 
@@ -44,7 +45,14 @@ SCHEDULES = get_args(ScheduleName)
 DATASETS = get_args(Dataset)
 AUGMENTS = get_args(Augment)
 TRACKERS = get_args(TrackerName)
+TASKS = get_args(Task)
 TORCHVISION_DATASETS = ("oxford_pets", "cifar10", "cifar100", "flowers102")
+ROOT_REQUIRED = {  # data.dataset -> what data.root must then be
+    "imagefolder": "a folder of class folders",
+    "csv": "a .csv, .tsv or .jsonl manifest",
+    "hf": "a Hugging Face hub id, a save_to_disk folder or parquet files",
+    "webdataset": "a folder or URL of tar shards with _info.json",
+}
 DEFAULT_DOWNLOAD_ROOT = "data/"
 
 _MODEL_REFS = (
@@ -90,8 +98,15 @@ class ScheduleConfig:
 @dataclass
 class DataConfig:
     dataset: Dataset = "imagefolder"
-    # imagefolder: the folder of class folders (required); torchvision sets: the download dir
+    # imagefolder: the folder of class folders; csv: a .csv/.tsv/.jsonl manifest; hf: a hub id, a
+    # save_to_disk folder or parquet files; webdataset: a folder or URL of tar shards (all required);
+    # torchvision sets: the download dir
     root: Optional[str] = None  # null = DEFAULT_DOWNLOAD_ROOT for those
+    image_key: Optional[str] = None  # csv/hf/webdataset: the image column; null = the source's default
+    label_key: Optional[str] = None  # csv/hf: the label column; null = label (hf: also labels)
+    split_key: Optional[str] = None  # csv: the split column; null = `split` when present
+    label_separator: str = field(default=" ", metadata={"allowed": "a non-empty string (a space is fine)", "blank_ok": True})  # multilabel csv
+    class_names: Optional[List[str]] = None  # csv/hf/webdataset: the classes and their order; null = from the data
     val_split: float = bounded(0.1, gt=0, lt=1)  # train fraction held out if there is no val split
     test_split: float = bounded(0.0, ge=0, lt=1)  # fraction held out as test, likewise
     balanced: bool = False  # class-balanced sampling of the training set
@@ -142,6 +157,8 @@ class Recipe:
     compile: bool = False  # torch.compile the model's forward (opt-in: measured no gain on a CPU, BENCHMARKS.md)
     drop_path: float = bounded(0.0, ge=0, lt=1)  # stochastic depth, rising linearly over the blocks
     dropout: float = bounded(0.0, ge=0, lt=1)  # embedding, projection, MLP, head; not attention probs
+    task: Task = "classification"  # multilabel: several labels per image, sigmoid + BCE, ranked by val mAP
+    calibrate: bool = False  # fit a temperature on val at the end of train (finetune calibrate)
     freeze: str = "none"  # none | backbone (train the head only) | blocks:N (the first N frozen)
     max_steps_per_epoch: Optional[int] = bounded(None, ge=1)  # step cap per epoch (smoke tests)
     log_every: int = bounded(10, ge=1)  # optimizer steps between host syncs: NaN check, progress bar loss
@@ -185,6 +202,7 @@ class _Key(NamedTuple):
     nullable: bool  # Optional[...]: null is allowed
     bounds: Dict[str, float]
     allowed: Optional[str]  # its own "what is allowed", where the type does not say it
+    blank_ok: bool = False  # a str key for which whitespace is a value (data.label_separator)
 
 
 _KINDS = {bool: "true or false", int: "an integer", float: "a number", str: "a non-empty string"}
@@ -203,7 +221,7 @@ def _key(kind: Any, metadata: Mapping[str, Any]) -> _Key:
     nullable = get_origin(kind) is not Literal and type(None) in get_args(kind)
     if nullable:
         kind = next(arg for arg in get_args(kind) if arg is not type(None))
-    return _Key(kind, nullable, metadata.get("bounds", {}), metadata.get("allowed"))
+    return _Key(kind, nullable, metadata.get("bounds", {}), metadata.get("allowed"), metadata.get("blank_ok", False))
 
 
 def _section_of(schema: type, name: str) -> Optional[type]:
@@ -214,7 +232,12 @@ def _section_of(schema: type, name: str) -> Optional[type]:
 
 def _choices_of_list(k: _Key) -> Optional[tuple]:
     """The choices of a List[Literal[...]] key, else None."""
-    return get_args(get_args(k.kind)[0]) if get_origin(k.kind) is list else None
+    return get_args(get_args(k.kind)[0]) if get_origin(k.kind) is list and not _is_names(k) else None
+
+
+def _is_names(k: _Key) -> bool:
+    """A List[str] key: distinct non-empty names (e.g. data.class_names)."""
+    return get_origin(k.kind) is list and get_args(k.kind)[0] is str
 
 
 def _as_list(value: Any) -> Any:
@@ -232,6 +255,8 @@ def _allowed(k: _Key) -> str:
     elif _choices_of_list(k) is not None:
         choices = _choices_of_list(k)
         text = f"a list of {', '.join(choices)} (e.g. {choices[0]},{choices[1]}) or none"
+    elif _is_names(k):
+        text = "a list of distinct names, e.g. [ant, bee] or ant,bee"
     elif get_origin(k.kind) is Literal:
         text = f"one of {', '.join(get_args(k.kind))}"
     elif dataclasses.is_dataclass(k.kind):
@@ -247,10 +272,13 @@ def _accepts(k: _Key, value: Any) -> bool:
         return k.nullable
     if _choices_of_list(k) is not None:
         return isinstance(value, list) and all(isinstance(v, str) and v in _choices_of_list(k) for v in value)
+    if _is_names(k):
+        return (isinstance(value, list) and len(value) > 0 and len(set(map(str, value))) == len(value)
+                and all(isinstance(v, (str, int)) and not isinstance(v, bool) and str(v).strip() for v in value))
     if get_origin(k.kind) is Literal:
         return isinstance(value, str) and value in get_args(k.kind)
     if k.kind is str:
-        return isinstance(value, str) and value.strip() != ""
+        return isinstance(value, str) and (value.strip() != "" or (k.blank_ok and value != ""))
     if k.kind is bool or isinstance(value, bool):  # true is not 1, nor 1 true
         return k.kind is bool and isinstance(value, bool)
     if not isinstance(value, _NUMBERS.get(k.kind, ())) or not math.isfinite(value):
@@ -344,6 +372,11 @@ def _checked(k: _Key, value: Any, dotted: str, ctx: _Context) -> Any:
         if not _accepts(k, listed):
             raise ctx.fail(dotted, f"{_show(value)} is not {_allowed(k)}")
         return list(dict.fromkeys(listed))  # each once, in the order given
+    if _is_names(k) and value is not None:
+        listed = _as_list(value) if isinstance(value, str) else value
+        if not _accepts(k, listed):
+            raise ctx.fail(dotted, f"{_show(value)} is not {_allowed(k)}")
+        return [str(name) for name in listed]
     if not _accepts(k, value):
         raise ctx.fail(dotted, f"{_show(value)} is not {_allowed(k)}")
     return float(value) if k.kind is float and value is not None else value
@@ -355,10 +388,9 @@ def _check_consistency(recipe: Recipe, ctx: _Context) -> None:
         raise ctx.fail("model", f"is required: {_MODEL_REFS}")
     _check_warmup(recipe, ctx)
     _check_splits(recipe.data, ctx)
-    if recipe.data.dataset == "imagefolder" and recipe.data.root is None:
-        raise ctx.fail(
-            "data.root", "is required when data.dataset is imagefolder (a folder of class folders)"
-        )
+    if recipe.data.root is None and recipe.data.dataset in ROOT_REQUIRED:
+        raise ctx.fail("data.root", f"is required when data.dataset is {recipe.data.dataset} "
+                                    f"({ROOT_REQUIRED[recipe.data.dataset]})")
     if not re.fullmatch(r"none|backbone|blocks:\d+", recipe.freeze):
         raise ctx.fail("freeze", f"{_show(recipe.freeze)} is not none, backbone or blocks:N (N an integer)")
     if recipe.freeze != "none" and recipe.lora.rank:

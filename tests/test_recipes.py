@@ -390,9 +390,10 @@ def test_equality_ignores_where_a_recipe_came_from():
 
 
 def test_choices_have_one_owner():
-    from finetune import data
+    from finetune.data import factory, transforms
 
-    assert data.DATASETS is DATASETS and data.AUGMENTS is AUGMENTS
+    assert factory.DATASETS is DATASETS and transforms.AUGMENTS is AUGMENTS
+    assert set(factory.SOURCES) == set(DATASETS)  # every recipe value has its reader, and no more
 
 
 # --------------------------------------------------------------------------------- with_changes
