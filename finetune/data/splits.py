@@ -70,3 +70,20 @@ def dataset_targets(dataset) -> List[int]:
         "expected a `targets` list (as torchvision's ImageFolder has) or a Subset of such a dataset"
     )
 
+
+
+def seeded_split(count: int, val_split: float, test_split: float, seed: int):
+    """Indices (train, val, test) of `count` multi-label samples, cut at random by `seed`.
+
+    Stratifying by a label *set* is not defined (scikit-learn's `stratify` needs one label per
+    sample), so a multi-label source is cut by a seeded permutation, with the same test-then-val
+    rule and fractions as `_stratified_split`; the split is the same on every run with that seed.
+    """
+    _check_split_fractions(val_split, test_split)
+    order = np.random.default_rng(seed).permutation(count)
+    n_test, n_val = int(round(count * test_split)), max(1, int(round(count * val_split)))
+    if count - n_test - n_val < 1:
+        raise FinetuneError(f"cannot split {count} samples with val_split={val_split}, test_split={test_split}: "
+                            "nothing would be left to train on; add samples or lower the fractions")
+    test, val, train = order[:n_test], order[n_test:n_test + n_val], order[n_test + n_val:]
+    return sorted(train.tolist()), sorted(val.tolist()), sorted(test.tolist())
