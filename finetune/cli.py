@@ -140,9 +140,12 @@ def train_cmd(recipe: Optional[str], overrides: Sequence[str], out: Optional[str
 def _print_result(result, pictures: bool = True) -> None:
     if int(os.environ.get("RANK", "0")) != 0:
         return
-    test = f", test top-1 {result.test['top1']:.4f}" if result.test else ""
+    from .evaluation import fraction
+    label = {"top1": "top-1"}.get(result.metric, result.metric)
+    test = f", test {label} {fraction(result.test[result.metric])}" if result.test else ""
     click.echo(f"run: {result.run_dir}  ({result.status})")
-    click.echo(f"best val top-1 {result.best_val_top1:.4f} at epoch {result.best_epoch}{test}: {result.best_checkpoint}")
+    click.echo(f"best val {label} {result.best_val_score:.4f} at epoch {result.best_epoch}{test}: "
+               f"{result.best_checkpoint}")
     if pictures and result.best_checkpoint:
         from .tracking import attach
         from .viz import write_run_pictures
@@ -213,15 +216,16 @@ def eval_cmd(checkpoint: str, recipe: Optional[str], overrides: Sequence[str], s
 @click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
 @device_option
 def predict_cmd(checkpoint: str, images: Sequence[str], top_k: int, as_json: bool, device: Optional[str]) -> None:
-    """Top-k class names and probabilities for each IMAGE."""
+    """Top-k class names and probabilities for each IMAGE (multi-label: every label above the
+    checkpoint's threshold, with its probability)."""
     from .evaluation import predict
     results = predict(checkpoint, images, top_k=top_k, device=device)
     if as_json:
         click.echo(json.dumps(results, indent=2))
         return
     for item in results:
-        ranked = "  ".join(f"{p['class']} {p['probability']:.3f}" for p in item["top"])
-        click.echo(f"{item['image']}: {ranked}")
+        ranked = "  ".join(f"{p['class']} {p['probability']:.3f}" for p in item.get("labels", item["top"]))
+        click.echo(f"{item['image']}: {ranked or '(no label above ' + format(item['threshold'], '.2f') + ')'}")
 
 
 # ---------------------------------------------------------------------------------- soup, compare

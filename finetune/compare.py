@@ -29,18 +29,26 @@ from .evaluation import evaluate_on_split, fraction
 from .rundir import SPLITS
 
 FORMATS = ("markdown", "csv", "json")
-ROW_KEYS = ("name", "kind", "model", "recipe", "dataset", "img_size", "epochs", "best_val_top1", "best_epoch",
-            "test_top1", "params", "images_per_s", "ingredients", "status", "notes", "path", "checkpoint")
+ROW_KEYS = ("name", "kind", "task", "model", "recipe", "dataset", "img_size", "epochs", "best_val_top1", "best_epoch",
+            "test_top1", "best_val_mAP", "test_mAP", "test_f1_micro", "test_f1_macro", "params", "images_per_s",
+            "ingredients", "status", "notes", "path", "checkpoint")
 TABLE_COLUMNS = (  # (header, row key)
     ("run", "name"), ("kind", "kind"), ("model", "model"), ("recipe", "recipe"), ("dataset", "dataset"),
     ("img", "img_size"), ("epochs", "epochs"), ("best val top-1 (epoch)", "best_val_top1"),
-    ("test top-1", "test_top1"), ("params (M)", "params"), ("img/s", "images_per_s"),
+    ("test top-1", "test_top1"), ("best val mAP (epoch)", "best_val_mAP"), ("test mAP", "test_mAP"),
+    ("test F1 micro / macro", "test_f1_micro"), ("params (M)", "params"), ("img/s", "images_per_s"),
     ("ingredients/notes", "notes"))
+# A table shows the columns of the tasks its rows have: top-1 for classification, mAP and F1 for multi-label.
+TASK_COLUMNS = {"classification": ("best_val_top1", "test_top1"),
+                "multilabel": ("best_val_mAP", "test_mAP", "test_f1_micro")}
 SORT_KEYS = ("name", "kind", "model", "recipe", "dataset", "img_size", "epochs", "best_val_top1", "best_epoch",
-             "test_top1", "params", "images_per_s", "status")
+             "test_top1", "best_val_mAP", "test_mAP", "test_f1_micro", "test_f1_macro", "params", "images_per_s",
+             "status")
 SORT_ALIASES = {"run": "name", "img": "img_size", "val": "best_val_top1", "val_top1": "best_val_top1",
-                "test": "test_top1", "img/s": "images_per_s"}
-DESCENDING = {"best_val_top1", "test_top1", "images_per_s"}  # bigger is better: best first
+                "test": "test_top1", "img/s": "images_per_s", "mAP": "best_val_mAP", "val_mAP": "best_val_mAP",
+                "f1": "test_f1_micro"}
+DESCENDING = {"best_val_top1", "test_top1", "best_val_mAP", "test_mAP", "test_f1_micro", "test_f1_macro",
+              "images_per_s"}  # bigger is better: best first
 Evaluator = Callable[[Path, str], Dict[str, Any]]
 
 
@@ -87,8 +95,13 @@ def run_row(run_dir: Path) -> Dict[str, Any]:
                epochs=len(records) if records else None, images_per_s=_mean(r.get("images_per_s") for r in records))
     row["img_size"] = _first_present(row["img_size"], meta.get("img_size"))
     row["model"] = _first_present(row["model"], meta.get("source"))
-    row["best_val_top1"], row["best_epoch"] = _best_val(records, best, results)
-    row["test_top1"] = _first_present(_run_top1(results.get("test")), (meta.get("metrics") or {}).get("test_top1"))
+    row["task"] = meta.get("task") or recipe.get("task") or "classification"
+    metric = "mAP" if row["task"] == "multilabel" else "top1"
+    row[f"best_val_{metric}"], row["best_epoch"] = _best_val(records, best, results, metric)
+    test = _run_result(results.get("test"))
+    row[f"test_{metric}"] = _first_present(test.get(metric), (meta.get("metrics") or {}).get(f"test_{metric}"))
+    if metric == "mAP":
+        row.update(test_f1_micro=test.get("f1_micro"), test_f1_macro=test.get("f1_macro"))
     row["params"] = _safe_params(checkpoint) if checkpoint else None
     row["status"] = _run_status(status, run_dir, notes)
     return row
@@ -108,9 +121,15 @@ def checkpoint_row(path: Path) -> Dict[str, Any]:
     recipe = meta.get("recipe") or rundir.read_recipe(path.parent)
     metrics = meta.get("metrics") or {}
     stored = rundir.stored_results(path)
-    row.update(_recipe_fields(recipe), img_size=meta.get("img_size"), best_epoch=meta.get("epoch"),
-               best_val_top1=metrics.get("val_top1", _top1(stored.get("val"))),
-               test_top1=metrics.get("test_top1", _top1(stored.get("test"))))
+    task = meta.get("task") or (recipe or {}).get("task") or "classification"
+    metric = "mAP" if task == "multilabel" else "top1"
+    stored_test = stored.get("test") if isinstance(stored.get("test"), dict) else {}
+    stored_val = stored.get("val") if isinstance(stored.get("val"), dict) else {}
+    row.update(_recipe_fields(recipe), task=task, img_size=meta.get("img_size"), best_epoch=meta.get("epoch"),
+               **{f"best_val_{metric}": metrics.get(f"val_{metric}", stored_val.get(metric)),
+                  f"test_{metric}": metrics.get(f"test_{metric}", stored_test.get(metric))})
+    if metric == "mAP":
+        row.update(test_f1_micro=stored_test.get("f1_micro"), test_f1_macro=stored_test.get("f1_macro"))
     if meta.get("source") == "soup":
         row.update(_soup_fields(meta.get("soup") or {}), kind="soup")
     else:
@@ -158,29 +177,25 @@ def _params(path: Path) -> int:
     return sum(math.prod(shape) for shape, _ in tensor_shapes(path).values())
 
 
-def _best_val(records: List[Dict[str, Any]], entries: List[Dict[str, Any]], results: Dict[str, Any]
-              ) -> Tuple[Optional[float], Optional[int]]:
+def _best_val(records: List[Dict[str, Any]], entries: List[Dict[str, Any]], results: Dict[str, Any],
+              metric: str = "top1") -> Tuple[Optional[float], Optional[int]]:
     # metrics.jsonl may be cut short and best.json may rank by another metric: take the best of both.
-    candidates = [(r.get("val_top1"), r.get("epoch")) for r in records + entries]
+    candidates = [(r.get(f"val_{metric}"), r.get("epoch")) for r in records + entries]
     candidates = [(v, e) for v, e in candidates if isinstance(v, (int, float))]
     if candidates:
         return max(candidates, key=lambda c: c[0])
-    return _run_top1(results.get("val")), None
+    return _run_result(results.get("val")).get(metric), None
 
 
-def _run_top1(result: Any) -> Optional[float]:
+def _run_result(result: Any) -> Dict[str, Any]:
     # `finetune eval` of a soup records it under the split too; that score is the soup's row's, not the run's.
-    if isinstance(result, dict) and Path(str(result.get("checkpoint") or "")).match("soup*.safetensors"):
-        return None
-    return _top1(result)
+    if not isinstance(result, dict) or Path(str(result.get("checkpoint") or "")).match("soup*.safetensors"):
+        return {}
+    return result
 
 
 def _first_present(*values: Any) -> Any:
     return next((v for v in values if v is not None), None)
-
-
-def _top1(result: Any) -> Optional[float]:
-    return result.get("top1") if isinstance(result, dict) else None
 
 
 def _mean(values: Iterable[Any]) -> Optional[float]:
@@ -209,10 +224,10 @@ def evaluate_missing(rows: Sequence[Dict[str, Any]], split: str = "test",
         raise FinetuneError(f"split: unknown value {split!r}; expected one of {', '.join(SPLITS)}")
     evaluator = evaluator or (lambda checkpoint, on: evaluate_on_split(checkpoint, split=on, device=device,
                                                                        store=False))
-    score_key = "test_top1" if split == "test" else "best_val_top1"
     done = []
     for row in rows:
-        if row.get(score_key) is not None:
+        metric = "mAP" if row.get("task") == "multilabel" else "top1"
+        if row.get(f"test_{metric}" if split == "test" else f"best_val_{metric}") is not None:
             continue
         if not row.get("checkpoint"):
             done.append({"name": row["name"], "skipped": "no checkpoint to evaluate"})
@@ -220,7 +235,8 @@ def evaluate_missing(rows: Sequence[Dict[str, Any]], split: str = "test",
         checkpoint = Path(row["checkpoint"])
         result = evaluator(checkpoint, split)
         rundir.store_result(checkpoint, split, result, as_run=row["kind"] == "run")
-        done.append({"name": row["name"], "checkpoint": str(checkpoint), "split": split, "top1": result.get("top1")})
+        done.append({"name": row["name"], "checkpoint": str(checkpoint), "split": split,
+                     **{k: result[k] for k in ("top1", "mAP") if k in result}})
     return done
 
 
@@ -265,24 +281,34 @@ def format_table(rows: Sequence[Dict[str, Any]], fmt: str = "markdown", sort: Op
 
 
 def _markdown(rows: Sequence[Dict[str, Any]]) -> str:
-    lines = ["| " + " | ".join(header for header, _ in TABLE_COLUMNS) + " |",
-             "|" + "|".join("---" for _ in TABLE_COLUMNS) + "|"]
+    columns = table_columns(rows)
+    lines = ["| " + " | ".join(header for header, _ in columns) + " |",
+             "|" + "|".join("---" for _ in columns) + "|"]
     for row in rows:
-        cells = [_cell(row, key).replace("|", "\\|") for _, key in TABLE_COLUMNS]
+        cells = [_cell(row, key).replace("|", "\\|") for _, key in columns]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 
+def table_columns(rows: Sequence[Dict[str, Any]]) -> List[Tuple[str, str]]:
+    """TABLE_COLUMNS less the score columns of tasks no row has (classification's when none says)."""
+    present = {row.get("task") or "classification" for row in rows} or {"classification"}
+    hidden = {key for task, keys in TASK_COLUMNS.items() if task not in present for key in keys}
+    return [(header, key) for header, key in TABLE_COLUMNS if key not in hidden]
+
+
 def _cell(row: Dict[str, Any], key: str) -> str:
     value = row.get(key)
-    if key == "best_val_top1" and value is not None:
+    if key == "test_f1_micro" and value is not None:
+        return f"{fraction(value)} / {fraction(row.get('test_f1_macro'))}"
+    if key in ("best_val_top1", "best_val_mAP") and value is not None:
         return fraction(value) + (f" ({row['best_epoch']})" if row.get("best_epoch") is not None else "")
     if key == "notes":
         parts = [] if row["kind"] == "soup" else [row.get("status") or ""]
         return "; ".join(p for p in parts + list(row.get("notes") or []) if p) or "-"
     if value is None:
         return "-"
-    if key == "test_top1":
+    if key in ("test_top1", "test_mAP"):
         return fraction(value)
     if key == "params":
         return f"{value / 1e6:.2f}"

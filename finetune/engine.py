@@ -32,11 +32,10 @@ from typing import Any, Dict, List, Optional
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from . import data as data_lib
-from . import distributed, methods, rundir, speed, tracking
+from . import distributed, methods, rundir, speed, tasks, tracking
 from .checkpoints import model_meta, save_checkpoint
 from .errors import FinetuneError
 from .evaluation import autocast, build_splits, eval_batch_size, evaluate
@@ -53,7 +52,7 @@ RESUMABLE_CHANGES = ("epochs", "optimizer.lr", "optimizer.momentum", "optimizer.
 @dataclass
 class RunResult:
     run_dir: Path
-    best_val_top1: float
+    best_val_score: float  # the best val score of the task's metric: top-1, or mAP for multi-label
     best_epoch: int
     best_checkpoint: Optional[Path]
     status: str
@@ -61,6 +60,11 @@ class RunResult:
     # The val scores (confusion included) of the best checkpoint when this process computed them,
     # so the run's pictures need not evaluate it again; None after a resume that found it earlier.
     best_val: Optional[Dict[str, Any]] = None
+    metric: str = "top1"  # the task's ranking metric (`finetune.tasks`)
+
+    @property
+    def best_val_top1(self) -> Optional[float]:
+        return self.best_val_score if self.metric == "top1" else None
 
 
 class RunInterrupted(FinetuneError):
@@ -103,6 +107,8 @@ def _train(recipe: Recipe, run_dir: Path, resuming: bool, progress: bool, rank: 
     point = rundir.read_resume_point(run_dir) if resuming else None
     seed_everything(recipe.seed + rank)
     model, splits = _model_and_data(recipe, run_dir, point)
+    task = tasks.get(recipe.task)
+    model.finetune_info["task"] = task.name  # scoring a checkpoint asks its metadata which task it is
     model = methods.prepare(model, recipe)
     if point and "model" in point:
         model.load_state_dict(point["model"])  # adapters included
@@ -112,7 +118,7 @@ def _train(recipe: Recipe, run_dir: Path, resuming: bool, progress: bool, rank: 
     ema = methods.make_ema(model, recipe)
     if ema is not None and point and point.get("ema") is not None:
         ema.module.load_state_dict(point["ema"])
-    mixup = methods.make_mixup(recipe, len(splits.class_names))
+    mixup = task.mixup(recipe, len(splits.class_names))
     recipe, chosen = resolve_auto_settings(recipe, model, device, point.get("resolved") if point else None)
     if recipe.compile:
         model.compile()  # in place: state_dict keys, EMA and checkpoints see the plain module
@@ -149,18 +155,17 @@ def _train(recipe: Recipe, run_dir: Path, resuming: bool, progress: bool, rank: 
                 _commit(run_dir, model, ema, optimizer, scaler, state, recipe, rank, epoch_done=False)
                 raise _interrupted(log, run_dir, epoch, stop.signum)
             val = evaluate(model, val_loader, device=device, precision=recipe.precision)
-            row = {"epoch": epoch, "train_loss": stats["loss"], "val_loss": val["loss"], "val_top1": val["top1"],
-                   "val_top5": val["top5"], "lr": lr, "images_per_s": stats["images_per_s"],
-                   "time_s": stats["time_s"]}
-            candidates = [_candidate(epoch, val, "raw")]
+            row = {"epoch": epoch, "train_loss": stats["loss"], **_val_columns(val, task), "lr": lr,
+                   "images_per_s": stats["images_per_s"], "time_s": stats["time_s"]}
+            candidates = [_candidate(epoch, val, "raw", task)]
             reports = {candidates[0]["path"]: val}
             if ema is not None:
                 ema_val = evaluate(ema.module, val_loader, device=device, precision=recipe.precision)
-                row.update(ema_val_loss=ema_val["loss"], ema_val_top1=ema_val["top1"], ema_val_top5=ema_val["top5"])
-                candidates.append(_candidate(epoch, ema_val, "ema"))
+                row.update({f"ema_{k}": v for k, v in _val_columns(ema_val, task).items()})
+                candidates.append(_candidate(epoch, ema_val, "ema", task))
                 reports[candidates[1]["path"]] = ema_val
-            score = max(c["val_top1"] for c in candidates)
-            improved = not state.best or score > max(b["val_top1"] for b in state.best)
+            score = max(rundir.entry_score(c) for c in candidates)
+            improved = not state.best or score > max(rundir.entry_score(b) for b in state.best)
             state.epoch, state.metrics = epoch, state.metrics + [row]
             state.bad_epochs = 0 if improved else state.bad_epochs + 1
             previous_best, state.best = state.best, rundir.rank_best(state.best, candidates, recipe.keep_best)
@@ -177,7 +182,7 @@ def _train(recipe: Recipe, run_dir: Path, resuming: bool, progress: bool, rank: 
             if recipe.early_stop_patience and state.bad_epochs >= recipe.early_stop_patience:
                 status = "stopped_early"
                 if rank == 0:
-                    say(f"early stop: val top-1 has not improved for {state.bad_epochs} epochs")
+                    say(f"early stop: val {task.metric_label} has not improved for {state.bad_epochs} epochs")
                 break
     except FinetuneError as error:
         if not isinstance(error, RunInterrupted):
@@ -200,9 +205,11 @@ def _train(recipe: Recipe, run_dir: Path, resuming: bool, progress: bool, rank: 
         test = _evaluate_best(run_dir / best["path"], splits.test, recipe, device, multi)
         if rank == 0:
             rundir.store_result(run_dir / best["path"], "test", test, as_run=True)
-    log.status(status, epoch=state.epoch, best_epoch=best and best["epoch"], best_val_top1=best and best["val_top1"])
-    return RunResult(run_dir, best["val_top1"] if best else float("nan"), best["epoch"] if best else 0,
-                     run_dir / best["path"] if best else None, status, test, best_val)
+    best_score = rundir.entry_score(best) if best else float("nan")
+    log.status(status, epoch=state.epoch, best_epoch=best and best["epoch"],
+               **{f"best_val_{task.metric}": best_score if best else None})
+    return RunResult(run_dir, best_score, best["epoch"] if best else 0,
+                     run_dir / best["path"] if best else None, status, test, best_val, task.metric)
 
 
 def resolve_auto_settings(recipe: Recipe, model, device: torch.device, earlier: Optional[Dict[str, str]] = None):
@@ -245,9 +252,20 @@ def resolved_settings(recipe: Recipe, device: torch.device) -> Dict[str, str]:
     return {"precision": recipe.precision, "attention": recipe.attention, "device": device.type}
 
 
-def _candidate(epoch: int, scores: Dict[str, Any], weights: str) -> Dict[str, Any]:
-    return {"epoch": epoch, "path": rundir.epoch_checkpoint_name(epoch, weights), "val_top1": scores["top1"],
-            "weights": weights}
+def _candidate(epoch: int, scores: Dict[str, Any], weights: str, task) -> Dict[str, Any]:
+    entry = {"epoch": epoch, "path": rundir.epoch_checkpoint_name(epoch, weights),
+             f"val_{task.metric}": tasks.ranking_value(scores, task.metric), "weights": weights}
+    if "threshold" in scores:  # multi-label: the threshold chosen on val travels with the weights
+        entry["threshold"] = scores["threshold"]
+    return entry
+
+
+def _val_columns(val: Dict[str, Any], task) -> Dict[str, Any]:
+    """A metrics row's val columns: loss and the task's scores (top-1/top-5, or mAP/F1/threshold)."""
+    if task.name == "multilabel":
+        return {"val_loss": val["loss"], "val_mAP": val["mAP"], "val_f1_micro": val["f1_micro"],
+                "val_f1_macro": val["f1_macro"], "val_threshold": val["threshold"]}
+    return {"val_loss": val["loss"], "val_top1": val["top1"], "val_top5": val["top5"]}
 
 
 def _model_and_data(recipe: Recipe, run_dir: Path, point: Optional[Dict[str, Any]]):
@@ -258,7 +276,6 @@ def _model_and_data(recipe: Recipe, run_dir: Path, point: Optional[Dict[str, Any
         splits = build_splits(recipe, img_size, pretrained.data_config)
         return model_from_pretrained(pretrained, len(splits.class_names), img_size, splits.class_names), splits
     if "model" in point:
-        meta = json.loads(point["model_meta"])
         model = _model_from_point(point)
     else:  # a run directory of finetune 0.1: the weights of the resume point are last.safetensors
         model = load_model(str(run_dir / rundir.LAST))
@@ -335,7 +352,7 @@ def train_one_epoch(model, loader, optimizer, scaler, *, recipe: Recipe, epoch: 
         with (contextlib.nullcontext() if last_of_group or not hasattr(model, "no_sync") else model.no_sync()):
             with precision:
                 loss = _loss(model, batch_images, labels, recipe, mixup if mixing and weight else None)
-            share = _share_of_global_batch(labels.numel() * weight, device)
+            share = _share_of_global_batch(len(labels) * weight, device)
             scaler.scale(loss * share / group_size).backward()
         loss = loss.detach()
         bad = (~torch.isfinite(loss)).float() * weight
@@ -343,9 +360,9 @@ def train_one_epoch(model, loader, optimizer, scaler, *, recipe: Recipe, epoch: 
         first_bad += newly_bad.float() * (done + micro)
         bad_loss = torch.where(newly_bad, loss.float(), bad_loss)
         nonfinite += bad
-        loss_sum += torch.nan_to_num(loss) * labels.numel() * weight
-        group_images += labels.numel() * weight
-        images += labels.numel() * weight
+        loss_sum += torch.nan_to_num(loss) * len(labels) * weight
+        group_images += len(labels) * weight
+        images += len(labels) * weight
         if not last_of_group:
             continue
         stop_now = stop is not None and stop.requested
@@ -388,22 +405,25 @@ def _raise_if_diverged(nonfinite, first_bad: torch.Tensor, bad_loss: torch.Tenso
 
 
 def _loss(model, images: torch.Tensor, labels: torch.Tensor, recipe: Recipe, mixup) -> torch.Tensor:
-    """Cross-entropy with label smoothing; with Mixup/CutMix (timm's, whose soft targets carry the
-    smoothing) on batches of an even size, as its pairing needs; an odd last batch is not mixed."""
+    """The task's loss (cross-entropy, or BCE for multi-label) with label smoothing; with
+    Mixup/CutMix (timm's, whose soft targets carry the smoothing) on batches of an even size, as its
+    pairing needs; an odd last batch is not mixed."""
+    task = tasks.get(recipe.task)
     if mixup is not None and len(labels) % 2 == 0:
         images, targets = mixup(images, labels)
-        return methods.soft_target_loss(model(images), targets)
-    return F.cross_entropy(model(images), labels, label_smoothing=recipe.label_smoothing)
+        return task.loss(model(images), targets)
+    return task.loss(model(images), labels, label_smoothing=recipe.label_smoothing)
 
 
 def _usable_batch(images: torch.Tensor, labels: torch.Tensor, model, device: torch.device):
     """(images, labels, weight) on the device. A batch whose every image was unreadable becomes one
     blank image of weight 0, so this process still runs the forward, backward and collectives the
     others run (skipping them would hang DDP)."""
-    if labels.numel():
+    if len(labels):
         return images.to(device, non_blocking=True), labels.to(device, non_blocking=True), 1
-    size = getattr(model, "module", model).patch_embed.img_size
-    return torch.zeros(1, 3, *size, device=device), torch.zeros(1, dtype=torch.long, device=device), 0
+    plain = getattr(model, "module", model)
+    blank = tasks.of_model(plain).blank_targets(1, plain.num_classes, device)
+    return torch.zeros(1, 3, *plain.patch_embed.img_size, device=device), blank, 0
 
 
 def _share_of_global_batch(local_n: int, device) -> float:
@@ -479,8 +499,10 @@ def _commit(run_dir: Path, model, ema, optimizer, scaler, state: Progress, recip
     for entry in state.best if epoch_done else []:
         if entry["epoch"] == state.epoch:
             weights = ema.module if entry.get("weights") == "ema" else model
+            score_key = rundir.score_key(entry)
             save_checkpoint(run_dir / entry["path"], weights, state=methods.plain_state(weights),
-                            **dict(meta, metrics={**meta["metrics"], "val_top1": entry["val_top1"]}))
+                            **dict(meta, metrics={**meta["metrics"], score_key: entry[score_key]},
+                                   **({"threshold": entry["threshold"]} if "threshold" in entry else {})))
     pause_point("before-commit")
     rundir.write_resume_point(run_dir, {
         "epoch": state.epoch, "steps": state.steps, "in_epoch": state.in_epoch, "best": state.best,
@@ -517,7 +539,8 @@ def _derive_files(run_dir: Path, model, state: Progress, recipe: Recipe, meta: D
 
 def _checkpoint_metrics(state: Progress) -> Dict[str, Any]:
     row = state.metrics[-1] if state.metrics else {}
-    return {k: row[k] for k in ("val_top1", "val_top5", "val_loss", "train_loss") if k in row}
+    return {k: row[k] for k in ("val_top1", "val_top5", "val_mAP", "val_f1_micro", "val_f1_macro", "val_loss",
+                                "train_loss") if k in row}
 
 
 def _restore(point: Dict[str, Any], run_dir: Path, recipe: Recipe, model, optimizer, scaler, rank: int) -> Progress:
@@ -670,10 +693,14 @@ def say(message: str) -> None:
 
 
 def epoch_line(metrics: Dict[str, Any]) -> str:
-    top5 = f" top-5 {metrics['val_top5']:.4f}" if metrics["val_top5"] is not None else ""
+    if "val_mAP" in metrics:
+        mAP = "-" if metrics["val_mAP"] is None else f"{metrics['val_mAP']:.4f}"
+        scores = (f"mAP {mAP}  F1 micro {metrics['val_f1_micro']:.4f} at {metrics['val_threshold']:.2f}")
+    else:
+        top5 = f" top-5 {metrics['val_top5']:.4f}" if metrics["val_top5"] is not None else ""
+        scores = f"top-1 {metrics['val_top1']:.4f}{top5}"
     return (f"epoch {metrics['epoch']:3d}  train loss {metrics['train_loss']:.4f}  val loss "
-            f"{metrics['val_loss']:.4f}  top-1 {metrics['val_top1']:.4f}{top5}  lr {metrics['lr']:.2e}  "
-            f"{metrics['images_per_s']:.1f} img/s")
+            f"{metrics['val_loss']:.4f}  {scores}  lr {metrics['lr']:.2e}  {metrics['images_per_s']:.1f} img/s")
 
 
 # ====================================================================================== processes

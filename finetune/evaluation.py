@@ -16,12 +16,11 @@ from pathlib import Path
 from typing import Any, Callable, Dict, List, Optional, Sequence, Union
 
 import torch
-import torch.nn.functional as F
 
 from . import data as data_lib
-from . import distributed
 from . import rundir
 from . import speed
+from . import tasks
 from .checkpoints import StateDict, read_meta
 from .errors import FinetuneError
 from .loading import data_config_of, load_model
@@ -122,38 +121,32 @@ def split_loader(recipe: Recipe, model, split: str = "val", batch_size: Optional
 
 # ------------------------------------------------------------------------------------- scoring
 @torch.inference_mode()
-def evaluate(model, loader, *, device=None, precision: str = "fp32") -> Dict[str, Any]:
-    """Loss, top-1, top-5 (None below 5 classes), per-class accuracy and confusion matrix.
+def evaluate(model, loader, *, device=None, precision: str = "fp32", threshold: Optional[float] = None
+             ) -> Dict[str, Any]:
+    """The scores of the model's task on the loader's split (`finetune.tasks`): for classification
+    loss, top-1, top-5 (None below 5 classes), per-class accuracy and confusion matrix; for
+    multi-label loss, mAP, F1 at `threshold` (default: the checkpoint's, else chosen on this split),
+    per-class AP and co-occurrence.
 
-    Under DDP each process evaluates its shard and the sums are all-reduced, so every process
+    Under DDP each process evaluates its shard and the scores are combined, so every process
     returns the scores of the whole split.
     """
     model = getattr(model, "module", model)
     device = device or next(model.parameters()).device
-    num_classes = model.num_classes
+    task = tasks.of_model(model)
+    scores = task.scores(model.num_classes, device)
     was_training = model.training
     model.eval()
-    confusion = torch.zeros(num_classes, num_classes, dtype=torch.float64, device=device)
-    sums = torch.zeros(3, dtype=torch.float64, device=device)  # loss, top-5 correct, count
     with autocast(device, precision):
         for images, labels in loader:
-            if labels.numel() == 0:
+            if len(labels) == 0:
                 continue
             images, labels = images.to(device, non_blocking=True), labels.to(device, non_blocking=True)
-            logits = model(images).float()
-            sums[0] += F.cross_entropy(logits, labels, reduction="sum")
-            if num_classes >= 5:
-                sums[1] += (logits.topk(5, dim=1).indices == labels[:, None]).any(1).sum()
-            sums[2] += labels.numel()
-            confusion.index_put_((labels, logits.argmax(1)), torch.ones_like(labels, dtype=torch.float64),
-                                 accumulate=True)
+            scores.add(model(images).float(), labels)
     model.train(was_training)
-    sums, confusion = distributed.all_reduce(sums), distributed.all_reduce(confusion)
-    n = max(sums[2].item(), 1)
-    per_class = (confusion.diag() / confusion.sum(1).clamp(min=1)).tolist()
-    return {"loss": sums[0].item() / n, "top1": confusion.diag().sum().item() / n,
-            "top5": sums[1].item() / n if num_classes >= 5 else None, "n": int(sums[2].item()),
-            "per_class": per_class, "confusion": confusion.long().tolist()}
+    if threshold is None:
+        threshold = (getattr(model, "finetune_info", None) or {}).get("threshold")
+    return scores.report(threshold)
 
 
 def load_for_scoring(checkpoint: Union[str, Path], device: Optional[str] = None):
@@ -176,15 +169,17 @@ def evaluate_on_split(checkpoint: Union[str, Path], recipe: RecipeLike = None, o
 
 
 def state_scorer(vessel: Union[str, Path], recipe: RecipeLike, split: str, device: Optional[str] = None) -> ScoreFn:
-    """A function scoring state dicts (top-1 on `split`), with the checkpoint `vessel`'s model
+    """A function scoring state dicts (the task's ranking metric on `split`: top-1, or mAP), with the checkpoint `vessel`'s model
     and recipe: the soup's judge. The model and loader are built once."""
     resolved = recipe_for(vessel, recipe)
     model = load_for_scoring(vessel, device)
     run = split_scorer(model, resolved, split)
 
+    metric = tasks.of_model(model).metric
+
     def score(state: StateDict) -> float:
         model.load_state_dict(state)
-        return run()["top1"]
+        return tasks.ranking_value(run(), metric)
     return score
 
 
@@ -199,6 +194,8 @@ def split_scorer(model, recipe: Recipe, split: str, batch_size: Optional[int] = 
 
 # ------------------------------------------------------------------------------------- reports
 def format_report(report: Dict[str, Any]) -> str:
+    if "mAP" in report:
+        return _format_multilabel_report(report)
     names = report["class_names"] or [str(i) for i in range(len(report["per_class"]))]
     top5 = f"  top-5 {report['top5']:.4f}" if report["top5"] is not None else ""
     lines = [f"{report['checkpoint']} on {report['split']} ({report['n']} images)",
@@ -214,6 +211,18 @@ def format_report(report: Dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+def _format_multilabel_report(report: Dict[str, Any]) -> str:
+    names = report["class_names"] or [str(i) for i in range(len(report["per_class_ap"]))]
+    lines = [f"{report['checkpoint']} on {report['split']} ({report['n']} images, multi-label)",
+             f"mAP {fraction(report['mAP'])}  F1 micro {fraction(report['f1_micro'])}  macro "
+             f"{fraction(report['f1_macro'])} at threshold {report['threshold']:.2f}  loss {report['loss']:.4f}",
+             "", "per-class average precision (positives):"]
+    width = max(len(n) for n in names)
+    lines += [f"  {name:{width}}  {fraction(ap)}  ({count})"
+              for name, ap, count in zip(names, report["per_class_ap"], report["positives"])]
+    return "\n".join(lines)
+
+
 def fraction(value: Optional[float]) -> str:
     """An accuracy as printed in every table and report: 4 decimals, '-' when unknown."""
     return "-" if value is None else f"{value:.4f}"
@@ -224,7 +233,9 @@ def fraction(value: Optional[float]) -> str:
 def predict(checkpoint: Union[str, Path], images: Sequence[str], top_k: int = 5,
             device: Optional[str] = None, batch_size: int = 32) -> List[Dict[str, Any]]:
     """For each image path: its top-k classes with probabilities (scored `batch_size` at a time,
-    under the autocast of the checkpoint's recipe on this device)."""
+    under the autocast of the checkpoint's recipe on this device). A multi-label checkpoint gives
+    every class whose sigmoid reaches its threshold (`labels`, most probable first) and, as `top`,
+    the top-k sigmoids whatever the threshold."""
     if top_k < 1:
         raise FinetuneError(f"--top-k: {top_k} is not a positive integer; use e.g. --top-k 5")
     model = load_for_scoring(checkpoint, device)
@@ -234,14 +245,24 @@ def predict(checkpoint: Union[str, Path], images: Sequence[str], top_k: int = 5,
     names = model.finetune_info["class_names"] or [str(i) for i in range(model.num_classes)]
     stored = read_meta(checkpoint).get("recipe") or {}
     precision = speed.choose_precision(stored.get("precision", "auto"), target, model, batch_size, train=False)[0]
+    task = tasks.of_model(model)
+    threshold = model.finetune_info.get("threshold", 0.5)
     results = []
     for start in range(0, len(images), batch_size):
         paths = list(images[start:start + batch_size])
         batch = torch.stack([transform(data_lib.load_image(path)) for path in paths]).to(target)
         with autocast(target, precision):
-            probabilities = model(batch).float().softmax(-1).cpu()
+            probabilities = task.probabilities(model(batch)).cpu()
         for path, row in zip(paths, probabilities):
-            values, indices = row.topk(min(top_k, len(names)))
-            results.append({"image": str(path), "top": [{"class": names[i], "probability": round(v, 6)}
-                                                        for v, i in zip(values.tolist(), indices.tolist())]})
+            results.append({"image": str(path), **_predicted(row, names, top_k, task, threshold)})
     return results
+
+
+def _predicted(probabilities: torch.Tensor, names: List[str], top_k: int, task, threshold: float):
+    values, indices = probabilities.topk(min(top_k, len(names)))
+    found = {"top": [{"class": names[i], "probability": round(v, 6)} for v, i in zip(values.tolist(), indices.tolist())]}
+    if task.name == "multilabel":
+        above = [(v, i) for i, v in enumerate(probabilities.tolist()) if v >= threshold]
+        found = {"labels": [{"class": names[i], "probability": round(v, 6)} for v, i in sorted(above, reverse=True)],
+                 "threshold": threshold, **found}
+    return found

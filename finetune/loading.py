@@ -247,6 +247,11 @@ def _check_fit(model: VisionTransformer, state: StateDict, source: str, replace_
         raise FinetuneError(f"{source}: weights do not fit the architecture ({detail})")
 
 
+# What a checkpoint's model keeps of its metadata beyond the architecture: where its weights came
+# from, and for the task (`finetune.tasks`) its name and multi-label threshold.
+CARRIED_META = ("lineage", "task", "threshold")
+
+
 def _attach_info(model: VisionTransformer, p: Pretrained, num_classes: int, img_size: int,
                  class_names: Optional[List[str]]) -> None:
     if class_names is not None and len(class_names) != num_classes:
@@ -260,7 +265,7 @@ def _attach_info(model: VisionTransformer, p: Pretrained, num_classes: int, img_
     model.finetune_info = {
         "arch": _arch_for_build(p.arch), "num_classes": num_classes, "img_size": img_size,
         "class_names": list(class_names) if class_names else None, "data_config": data_config,
-        "source": p.source, **{k: v for k, v in p.extra.items() if k == "lineage"},
+        "source": p.source, **{k: v for k, v in p.extra.items() if k in CARRIED_META},
     }
 
 

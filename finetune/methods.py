@@ -13,7 +13,7 @@ or EMA fine-tune is an ordinary checkpoint that loads, soups, exports and compar
 """
 from __future__ import annotations
 
-from typing import Any, Dict, Optional, Tuple
+from typing import Optional, Tuple
 
 import torch
 from timm.layers import DropPath
@@ -21,6 +21,7 @@ from timm.models.vision_transformer import VisionTransformer
 
 from .checkpoints import StateDict
 from .errors import FinetuneError
+from . import tasks
 from .recipes import Recipe
 
 
@@ -134,23 +135,12 @@ def make_ema(module: torch.nn.Module, recipe: Recipe):
 
 # ---------------------------------------------------------------------------------------- mixup
 def make_mixup(recipe: Recipe, num_classes: int):
-    """timm's Mixup/CutMix (with the recipe's label smoothing folded into its soft targets), or None."""
-    m = recipe.mixup
-    if not (m.mixup_alpha or m.cutmix_alpha):
-        return None
-    from timm.data import Mixup
-    return Mixup(mixup_alpha=m.mixup_alpha, cutmix_alpha=m.cutmix_alpha, prob=m.prob, switch_prob=m.switch_prob,
-                 mode="batch", label_smoothing=recipe.label_smoothing, num_classes=num_classes)
+    """timm's Mixup/CutMix for the recipe's task (the label smoothing folded into its soft targets), or None."""
+    return tasks.get(recipe.task).mixup(recipe, num_classes)
 
 
 def mixup_active(recipe: Recipe, epoch: int) -> bool:
     return recipe.mixup.off_epoch is None or epoch < recipe.mixup.off_epoch
-
-
-def soft_target_loss(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-    # timm's SoftTargetCrossEntropy: the mean over the batch of -sum(target * log_softmax).
-    from timm.loss import SoftTargetCrossEntropy
-    return SoftTargetCrossEntropy()(logits, targets)
 
 
 def describe(module: torch.nn.Module, recipe: Recipe) -> Optional[str]:

@@ -10,6 +10,7 @@
     epoch-NNN.safetensors   the `keep_best` best epochs by val top-1, indexed by best.json
                       (epoch-NNN-ema.safetensors: the EMA weights of that epoch, ranked alike)
     best.json         {"metric": "val_top1", "keep": K, "checkpoints": [{"epoch", "path", "val_top1"}]}
+                      (multi-label runs: "val_mAP" and a "threshold" per checkpoint)
     status.json       {"state": running | finished | stopped_early | failed | interrupted, "pid", ...};
                       a `running` run whose writer has died reads back as `crashed`
     run.lock          held (an OS file lock) by the process writing the run; the kernel releases it
@@ -196,6 +197,10 @@ def stored_results(checkpoint: Path) -> Dict[str, Any]:
 
 
 # ------------------------------------------------------------------------------------- writing
+# What results.json keeps of a score, by task: classification, then multi-label.
+RESULT_KEYS = (("top1", "top5", "loss"), ("mAP", "f1_micro", "f1_macro", "threshold", "loss"))
+
+
 def store_result(checkpoint: Path, split: str, result: Dict[str, Any], as_run: bool) -> Path:
     """Merge a score into the checkpoint folder's results.json, atomically."""
     results_path = Path(checkpoint).parent / RESULTS
@@ -203,7 +208,8 @@ def store_result(checkpoint: Path, split: str, result: Dict[str, Any], as_run: b
     results = read_document(results_path, problems) if results_path.is_file() else {}
     if problems:  # never overwrite scores we could not read
         raise FinetuneError(f"{results_path}: not a readable JSON object; fix or delete it before --eval")
-    entry = {k: result.get(k) for k in ("top1", "top5", "loss")}
+    kept = RESULT_KEYS["mAP" in result]
+    entry = {k: result.get(k) for k in kept}
     if "n" in result:
         entry["n"] = result["n"]
     if as_run:
@@ -219,9 +225,23 @@ def write_json(path: Path, document: Any) -> Path:
 
 
 def rank_best(best: List[Dict[str, Any]], candidates: List[Dict[str, Any]], keep: int) -> List[Dict[str, Any]]:
-    """The `keep` best checkpoints by val top-1 (earlier epoch, then raw before EMA, first on ties)
-    among the kept ones and this epoch's candidates ({"epoch", "path", "val_top1", "weights"})."""
-    return sorted(best + candidates, key=lambda b: (-b["val_top1"], b["epoch"], b.get("weights") == "ema"))[:keep]
+    """The `keep` best checkpoints by their val score (earlier epoch, then raw before EMA, first on
+    ties) among the kept ones and this epoch's candidates ({"epoch", "path", "val_top1" or
+    "val_mAP", "weights"})."""
+    return sorted(best + candidates, key=lambda b: (-entry_score(b), b["epoch"], b.get("weights") == "ema"))[:keep]
+
+
+SCORE_KEYS = ("val_top1", "val_mAP")  # what a best.json entry is ranked by: its task's metric on val
+
+
+def score_key(entry: Dict[str, Any]) -> str:
+    return next((key for key in SCORE_KEYS if key in entry), "val_top1")
+
+
+def entry_score(entry: Dict[str, Any]) -> float:
+    """A best.json entry's val score (top-1, or mAP for a multi-label run); a missing one ranks last."""
+    value = entry.get(score_key(entry))
+    return float(value) if isinstance(value, (int, float)) else float("-inf")
 
 
 def epoch_checkpoint_name(epoch: int, weights: str = "raw") -> str:
@@ -230,7 +250,8 @@ def epoch_checkpoint_name(epoch: int, weights: str = "raw") -> str:
 
 
 def write_best_index(run_dir: Path, keep: int, kept: List[Dict[str, Any]]) -> Path:
-    return write_json(Path(run_dir) / BEST, {"metric": "val_top1", "keep": keep, "checkpoints": kept})
+    metric = score_key(kept[0]) if kept else "val_top1"
+    return write_json(Path(run_dir) / BEST, {"metric": metric, "keep": keep, "checkpoints": kept})
 
 
 def remove_dropped(run_dir: Path, previous: List[Dict[str, Any]], kept: List[Dict[str, Any]]) -> None:

@@ -45,7 +45,7 @@ from typing import Any, Dict, Iterable, List, Optional, Sequence, Tuple
 import torch
 from safetensors import SafetensorError, safe_open
 
-from . import rundir
+from . import rundir, tasks
 from .checkpoints import StateDict, read_checkpoint, read_meta, refuse_to_overwrite, tensor_shapes, write_checkpoint
 from .errors import FinetuneError
 from .evaluation import (ScoreFn, build_splits, fraction, load_for_scoring, recipe_for, split_scorer,
@@ -59,6 +59,9 @@ DEFAULT_ALPHAS = (0.0, 0.25, 0.5, 0.75, 1.0)
 HEAD_PREFIX = "head."
 DONE_STATES = ("finished", "stopped_early")
 MATCHING_FIELDS = ("arch", "num_classes", "class_names")
+# What a soup carries over from its first ingredient: the model, its data, its task (a multi-label
+# soup keeps the first ingredient's val-chosen threshold) and the recipe that scores it.
+CARRIED_FIELDS = ("arch", "num_classes", "class_names", "img_size", "data_config", "task", "threshold", "recipe")
 FLOAT_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16}
 
 
@@ -98,8 +101,7 @@ def _finished_runs_checkpoints(folder: Path, skipped: List[Dict[str, str]]) -> L
             continue
         entries = rundir.best_entries(run)
         for entry, path in zip(entries, best_checkpoints(run)):
-            value = entry.get("val_top1")
-            ranked.append((value if isinstance(value, (int, float)) else float("-inf"), path))
+            ranked.append((rundir.entry_score(entry), path))
     if not ranked:
         raise FinetuneError(f"{folder}: none of its {len(runs)} run directories has finished, so there is "
                             "nothing to soup yet")
@@ -488,8 +490,8 @@ def _make_wise(inputs: List, out, recipe: Any, split: str, score_fn: Optional[Sc
               "pretrained": pretrained_name, "alpha": info["alpha"], "alphas": info["alphas"], "scores": info["scores"]}
     if reported is not None:
         record["report_split"] = "test"
-    result = {k: meta.get(k) for k in ("arch", "num_classes", "class_names", "img_size", "data_config", "recipe")}
-    result.update(source="soup", epoch=None, metrics=_metrics(split, info["score"], reported), soup=record)
+    result = {k: meta.get(k) for k in CARRIED_FIELDS if k in meta}
+    result.update(source="soup", epoch=None, metrics=_metrics(split, info["score"], reported, meta), soup=record)
     return write_checkpoint(target, tensors, result)
 
 
@@ -539,13 +541,16 @@ def test_top1(tensors: StateDict, vessel: Path, recipe: Any = None, device: Opti
     if build_splits(resolved, config["input_size"][-1], config, augment="none").test is None:
         return None
     model.load_state_dict(tensors)
-    return split_scorer(model, resolved, "test")()["top1"]
+    return tasks.ranking_value(split_scorer(model, resolved, "test")(), tasks.of_model(model).metric)
 
 
-def _metrics(split: Optional[str], score: Optional[float], reported: Optional[float]) -> Dict[str, float]:
-    metrics = {f"{split}_top1": score} if split is not None and score is not None else {}
+def _metrics(split: Optional[str], score: Optional[float], reported: Optional[float],
+             meta: Optional[Dict[str, Any]] = None) -> Dict[str, float]:
+    """`val_top1`/`test_top1`, or `val_mAP`/`test_mAP` for a multi-label soup (its task's metric)."""
+    metric = tasks.of_meta(meta or {}).metric
+    metrics = {f"{split}_{metric}": score} if split is not None and score is not None else {}
     if reported is not None:
-        metrics["test_top1"] = reported
+        metrics[f"test_{metric}"] = reported
     return metrics
 
 
@@ -565,8 +570,7 @@ def _output_path(inputs: List, paths: List[Path], out, method: str) -> Path:
 def _soup_meta(metas: List[Dict[str, Any]], paths: List[Path], out: Path, info: Dict[str, Any],
                split: Optional[str], score: Optional[float], reported: Optional[float] = None,
                skipped: Sequence[Dict[str, str]] = ()) -> Dict[str, Any]:
-    meta = {k: metas[0].get(k) for k in ("arch", "num_classes", "class_names", "img_size", "data_config",
-                                         "recipe")}
+    meta = {k: metas[0].get(k) for k in CARRIED_FIELDS if k in metas[0]}
     scores = info.get("scores") or [None] * len(paths)
     ingredients = [{"path": _relative_to(p, out.parent), "sha256": sha256_of(p),
                     "val_top1": (m.get("metrics") or {}).get("val_top1"),
@@ -579,7 +583,7 @@ def _soup_meta(metas: List[Dict[str, Any]], paths: List[Path], out: Path, info: 
         soup["rejected"] = [_relative_to(Path(p), out.parent) for p in info["rejected"]]
     if skipped:
         soup["skipped"] = [{"run": _relative_to(Path(s["run"]), out.parent), "reason": s["reason"]} for s in skipped]
-    meta.update(source="soup", epoch=None, metrics=_metrics(split, score, reported), soup=soup)
+    meta.update(source="soup", epoch=None, metrics=_metrics(split, score, reported, metas[0]), soup=soup)
     return meta
 
 

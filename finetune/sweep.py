@@ -65,18 +65,28 @@ class Trial:
     best_val_top1: Optional[float] = None
     best_epoch: Optional[int] = None
     test_top1: Optional[float] = None
+    best_val_mAP: Optional[float] = None  # multi-label trials are ranked by val mAP instead of top-1
+    test_mAP: Optional[float] = None
+
+    @property
+    def score(self) -> Optional[float]:
+        """The val score the sweep ranks by: top-1, or mAP for a multi-label trial."""
+        return self.best_val_top1 if self.best_val_top1 is not None else self.best_val_mAP
 
     def to_json(self) -> Dict[str, Any]:
+        mAP = {"best_val_mAP": self.best_val_mAP, "test_mAP": self.test_mAP} if self.best_val_mAP is not None else {}
         return {"index": self.index, "name": self.name, "dir": self.name, "params": self.params,
                 "overrides": self.overrides, "state": self.state, "reason": self.reason,
-                "best_val_top1": self.best_val_top1, "best_epoch": self.best_epoch, "test_top1": self.test_top1}
+                "best_val_top1": self.best_val_top1, "best_epoch": self.best_epoch, "test_top1": self.test_top1,
+                **mAP}
 
     @classmethod
     def from_json(cls, entry: Mapping[str, Any]) -> "Trial":
         return cls(index=int(entry["index"]), name=str(entry["name"]), params=dict(entry["params"]),
                    overrides=list(entry["overrides"]), state=str(entry.get("state") or "pending"),
                    reason=entry.get("reason"), best_val_top1=entry.get("best_val_top1"),
-                   best_epoch=entry.get("best_epoch"), test_top1=entry.get("test_top1"))
+                   best_epoch=entry.get("best_epoch"), test_top1=entry.get("test_top1"),
+                   best_val_mAP=entry.get("best_val_mAP"), test_mAP=entry.get("test_mAP"))
 
 
 @dataclass
@@ -93,9 +103,9 @@ class SweepResult:
 
     @property
     def best(self) -> Optional[Trial]:
-        """The finished trial with the best val top-1."""
-        done = [t for t in self.trials if t.state in DONE and t.best_val_top1 is not None]
-        return max(done, key=lambda t: t.best_val_top1) if done else None
+        """The finished trial with the best val score (top-1, or mAP for multi-label)."""
+        done = [t for t in self.trials if t.state in DONE and t.score is not None]
+        return max(done, key=lambda t: t.score) if done else None
 
     def run_dir(self, trial: Trial) -> Path:
         return self.out_dir / trial.name
@@ -378,6 +388,7 @@ def _record(trial: Trial, run_dir: Path, state: str, reason: Optional[str] = Non
         row = compare.run_row(run_dir)
         trial.best_val_top1, trial.best_epoch = row["best_val_top1"], row["best_epoch"]
         trial.test_top1 = row["test_top1"]
+        trial.best_val_mAP, trial.test_mAP = row["best_val_mAP"], row["test_mAP"]
         if state == "failed" and reason is None:
             trial.reason = rundir.read_status(run_dir).get("reason")
 
@@ -456,8 +467,9 @@ def summary_lines(result: SweepResult) -> List[str]:
     lines = []
     best = result.best
     if best is not None:
-        lines.append(f"best trial: {best.name} ({' '.join(best.overrides)}), val top-1 {fraction(best.best_val_top1)}"
-                     + (f", test top-1 {fraction(best.test_top1)}" if best.test_top1 is not None else ""))
+        label, test = ("top-1", best.test_top1) if best.best_val_top1 is not None else ("mAP", best.test_mAP)
+        lines.append(f"best trial: {best.name} ({' '.join(best.overrides)}), val {label} {fraction(best.score)}"
+                     + (f", test {label} {fraction(test)}" if test is not None else ""))
     for trial in result.failed:
         lines.append(f"trial {trial.name}: {trial.state}" + (f" ({trial.reason})" if trial.reason else ""))
     lines.append(f"sweep: {result.out_dir} ({len(result.trials) - len(result.failed)}/{len(result.trials)} "

@@ -83,11 +83,12 @@ def end_summary(run_dir: Path, details: Dict[str, Any]) -> Dict[str, Any]:
     summary: Dict[str, Any] = {}
     best = rundir.best_entries(run_dir)
     if best:
-        summary.update(best_epoch=best[0].get("epoch"), best_val_top1=best[0].get("val_top1"),
-                       best_checkpoint=str(run_dir / str(best[0].get("path"))))
+        key = rundir.score_key(best[0])
+        summary.update({"best_epoch": best[0].get("epoch"), f"best_{key}": best[0].get(key),
+                        "best_checkpoint": str(run_dir / str(best[0].get("path")))})
     test = rundir.read_results(run_dir).get("test")
     if isinstance(test, dict):
-        summary.update({f"test_{k}": test[k] for k in ("top1", "top5", "loss")
+        summary.update({f"test_{k}": test[k] for k in sum(rundir.RESULT_KEYS, ())
                         if isinstance(test.get(k), (int, float))})
     if details.get("reason"):
         summary["failure"] = str(details["reason"])[:500]

@@ -423,10 +423,42 @@ def write_confusion_figure(run_or_ckpt, out, split: str = "val", recipe: Optiona
             or report.get("split") != split:
         # A picture should not change what `compare` reports, so the score is not stored.
         report = evaluate_on_split(checkpoint, recipe, split=split, device=device, store=False)
+    if "mAP" in report:  # multi-label: no single predicted class, so no confusion matrix
+        return _draw_multilabel(report, checkpoint, split, out)
     names = report["class_names"] or [str(i) for i in range(len(report["confusion"]))]
     title = (f"{_shorten(_describe(checkpoint), 60)}\n{split}: top-1 {report['top1']:.1%} "
              f"({report['n']} images)")
     return _draw_confusion(np.asarray(report["confusion"]), names, report["per_class"], title, out)
+
+
+def _draw_multilabel(report: Dict[str, Any], checkpoint: Path, split: str, out) -> Path:
+    """Per-class average precision (bars) beside the label co-occurrence of the split (true labels)."""
+    plt = _pyplot()
+    names = report["class_names"] or [str(i) for i in range(len(report["per_class_ap"]))]
+    classes = len(names)
+    ap = [np.nan if v is None else v for v in report["per_class_ap"]]
+    fig, (bars, matrix) = plt.subplots(1, 2, figsize=(CONFUSION_FIGSIZE[0] * 1.8, CONFUSION_FIGSIZE[1]))
+    bars.barh(range(classes), ap, color="tab:blue")
+    bars.set(xlim=(0, 1), xlabel="average precision", title="per-class AP")
+    bars.invert_yaxis()
+    cooccurrence = np.asarray(report["cooccurrence"])
+    image = matrix.imshow(cooccurrence, cmap="Blues")
+    if classes <= 20:
+        for (row, col), count in np.ndenumerate(cooccurrence):
+            matrix.text(col, row, str(count), ha="center", va="center", fontsize=8,
+                        color="white" if count > cooccurrence.max() / 2 else "black")
+    if classes <= 40:
+        labels = [_shorten(n, 14) for n in names]
+        bars.set_yticks(range(classes), [f"{n} ({p})" for n, p in zip(labels, report["positives"])], fontsize=8)
+        matrix.set_xticks(range(classes), labels, rotation=45, ha="right", fontsize=8)
+        matrix.set_yticks(range(classes), labels, fontsize=8)
+    matrix.set_title("label co-occurrence (images with both)", fontsize=10)
+    fig.colorbar(image, ax=matrix, fraction=0.046, pad=0.03, label="images")
+    mAP = "-" if report["mAP"] is None else f"{report['mAP']:.1%}"
+    fig.suptitle(f"{_shorten(_describe(checkpoint), 60)}\n{split}: mAP {mAP}, F1 micro {report['f1_micro']:.1%} "
+                 f"at {report['threshold']:.2f} ({report['n']} images)", fontsize=10)
+    fig.tight_layout()
+    return _save(fig, out)
 
 
 def _describe(checkpoint: Path) -> str:
@@ -535,14 +567,17 @@ def _draw_curves(runs: List[Tuple[str, List[Dict[str, Any]]]], out) -> Path:
     plt = _pyplot()
     from matplotlib.ticker import PercentFormatter
     fig, (loss_axis, top1_axis) = plt.subplots(1, 2, figsize=CURVES_FIGSIZE)
+    # the runs' ranking metric: mAP when every run is multi-label, else top-1
+    score_key = "val_mAP" if all(any("val_mAP" in r for r in rows) for _, rows in runs) and runs else "val_top1"
     colours = plt.get_cmap("tab10")
     for index, (name, rows) in enumerate(runs):
         colour = colours(index % 10)
         loss_axis.plot(*_column(rows, "train_loss"), color=colour, marker=".", label=f"{name} train")
         loss_axis.plot(*_column(rows, "val_loss"), color=colour, marker=".", linestyle="--", label=f"{name} val")
-        top1_axis.plot(*_column(rows, "val_top1"), color=colour, marker=".", label=name)
+        top1_axis.plot(*_column(rows, score_key), color=colour, marker=".", label=name)
     loss_axis.set(xlabel="epoch", ylabel="loss", title="loss (solid: train, dashed: val)")
-    top1_axis.set(xlabel="epoch", ylabel="val top-1", title="validation top-1")
+    label = {"val_top1": "top-1", "val_mAP": "mAP"}[score_key]
+    top1_axis.set(xlabel="epoch", ylabel=f"val {label}", title=f"validation {label}")
     for axis in (loss_axis, top1_axis):
         axis.grid(alpha=0.3)
         axis.xaxis.get_major_locator().set_params(integer=True)
