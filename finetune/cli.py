@@ -124,7 +124,10 @@ def train_cmd(recipe: Optional[str], overrides: Sequence[str], out: Optional[str
     128+signal; `--resume RUN_DIR` continues exactly where it stopped. With --resume, --set may
     change epochs, the lr, the schedule and a few other keys, from the next epoch on.
     """
+    from .checkpoints import refuse_onnx
     from .engine import resume_run, train_recipe
+    if recipe:
+        refuse_onnx(recipe)
     if resume and recipe:
         raise FinetuneError(f"train: give a RECIPE or --resume {resume}, not both (a resume reads the run's "
                             "own recipe.yaml; change keys with --set)")
