@@ -150,9 +150,17 @@ def tensor_shapes(path: str | os.PathLike) -> Dict[str, Tuple[Tuple[int, ...], s
         return out
 
 
+def refuse_onnx(path: str | os.PathLike) -> None:
+    """A one-line error for an .onnx export given where a checkpoint (or recipe) is needed."""
+    if Path(path).suffix.lower() == ".onnx":
+        raise FinetuneError(f"{path}: is an ONNX export (finetune export --to onnx), not a checkpoint; only finetune "
+                            "eval and predict read it: give the .safetensors checkpoint it was exported from")
+
+
 @contextlib.contextmanager
 def _open_safetensors(path: str | os.PathLike):
     path = Path(path)
+    refuse_onnx(path)
     if not path.is_file():
         raise FinetuneError(f"{path}: no such checkpoint file")
     try:
@@ -252,6 +260,7 @@ def _unwrap_state_dict(path, obj: Any) -> StateDict:
 def read_state_dict(path: str | os.PathLike) -> Tuple[StateDict, Dict[str, Any]]:
     """Tensors and finetune metadata from a `.safetensors`, `.pth`, `.pt` or `.bin` file."""
     path = Path(path)
+    refuse_onnx(path)
     if path.suffix == ".safetensors":
         return read_checkpoint(path)
     if path.suffix in (".pth", ".pt", ".bin", ".ckpt"):

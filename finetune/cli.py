@@ -78,23 +78,28 @@ def info_cmd(ref: str, num_classes: Optional[int], img_size: Optional[int], as_j
 
 
 @cli.command("export")
-@click.argument("checkpoint", type=click.Path(dir_okay=False))
-@click.argument("out", type=click.Path(dir_okay=False))
-@click.option("--to", "layout", type=click.Choice(["ppv"]), required=True,
-              help="Target layout: ppv = pytorch-pretrained-vit's ViT state dict.")
-@click.option("--force", is_flag=True, help="Replace OUT if it exists.")
-def export_cmd(checkpoint: str, out: str, layout: str, force: bool) -> None:
-    """Write CHECKPOINT's weights in another library's layout to OUT."""
-    import torch
-    from .checkpoints import atomic_write, refuse_to_overwrite
-    from .loading import export_ppv, load_model
-    refuse_to_overwrite(out, force)
-    model = load_model(checkpoint)
-    state = export_ppv(model)
-    atomic_write(out, lambda tmp: torch.save(state, tmp))
-    info = model.finetune_info
-    click.echo(f"wrote {out}: load with pytorch_pretrained_vit.ViT(..., num_classes={info['num_classes']}, "
-               f"image_size={info['img_size']}) and .load_state_dict(torch.load({out!r}))")
+@click.argument("checkpoint", type=click.Path())
+@click.argument("out", type=click.Path())
+@click.option("--to", "layout", type=click.Choice(["onnx", "transformers", "timm", "ppv"]), required=True,
+              help="onnx: one .onnx file (+ OUT.md model card); transformers: a ViTForImageClassification folder; "
+                   "timm: a Hub-ready timm folder; ppv: pytorch-pretrained-vit's ViT state dict.")
+@click.option("--force", is_flag=True, help="Replace OUT if it exists (a folder only if it is an earlier export).")
+@click.option("--push-to-hub", "push_to_hub", default=None, metavar="ORG/NAME",
+              help="Then upload the export to this Hugging Face Hub repo (huggingface_hub; your saved token).")
+@click.option("--eval/--no-eval", "score", default=True, show_default=True,
+              help="Score val and test now for the model card (per-class accuracy, split sizes); "
+                   "--no-eval: only the scores stored with the checkpoint.")
+@device_option
+def export_cmd(checkpoint: str, out: str, layout: str, force: bool, push_to_hub: Optional[str], score: bool,
+               device: Optional[str]) -> None:
+    """Write CHECKPOINT (a checkpoint, or a run directory: its best) for another library at OUT.
+
+    onnx, transformers and timm exports are loaded back with that library alone and their logits
+    compared with finetune's before anything is written; they carry a model card (README.md).
+    """
+    from .export import export
+    export(checkpoint, out, layout, force=force, push_to_hub=push_to_hub, score=score, device=device,
+           log=click.echo)
 
 
 # ------------------------------------------------------------------------------------- training
@@ -124,7 +129,10 @@ def train_cmd(recipe: Optional[str], overrides: Sequence[str], out: Optional[str
     128+signal; `--resume RUN_DIR` continues exactly where it stopped. With --resume, --set may
     change epochs, the lr, the schedule and a few other keys, from the next epoch on.
     """
+    from .checkpoints import refuse_onnx
     from .engine import resume_run, train_recipe
+    if recipe:
+        refuse_onnx(recipe)
     if resume and recipe:
         raise FinetuneError(f"train: give a RECIPE or --resume {resume}, not both (a resume reads the run's "
                             "own recipe.yaml; change keys with --set)")
@@ -202,10 +210,12 @@ def sweep_cmd(recipe: str, grid: Sequence[str], random_trials: Optional[int], se
 @device_option
 def eval_cmd(checkpoint: str, recipe: Optional[str], overrides: Sequence[str], split: str,
              batch_size: Optional[int], as_json: bool, device: Optional[str]) -> None:
-    """Top-1, top-5, per-class accuracy, loss and confusion matrix of CHECKPOINT on a split."""
+    """Top-1, top-5, per-class accuracy, loss and confusion matrix of CHECKPOINT (or .onnx export) on a split."""
     from .evaluation import evaluate_on_split, format_report
-    report = evaluate_on_split(checkpoint, recipe=recipe, overrides=overrides, split=split, batch_size=batch_size,
-                               device=device)
+    from .export import evaluate_onnx_on_split, is_onnx
+    score = evaluate_onnx_on_split if is_onnx(checkpoint) else evaluate_on_split
+    report = score(checkpoint, recipe=recipe, overrides=overrides, split=split, batch_size=batch_size,
+                   device=device)
     click.echo(json.dumps(report, indent=2) if as_json else format_report(report))
 
 
@@ -217,9 +227,11 @@ def eval_cmd(checkpoint: str, recipe: Optional[str], overrides: Sequence[str], s
 @device_option
 def predict_cmd(checkpoint: str, images: Sequence[str], top_k: int, as_json: bool, device: Optional[str]) -> None:
     """Top-k class names and probabilities for each IMAGE (multi-label: every label above the
-    checkpoint's threshold, with its probability)."""
+    checkpoint's threshold, with its probability); CHECKPOINT may be an .onnx export."""
     from .evaluation import predict
-    results = predict(checkpoint, images, top_k=top_k, device=device)
+    from .export import is_onnx, predict_onnx
+    score = predict_onnx if is_onnx(checkpoint) else predict
+    results = score(checkpoint, images, top_k=top_k, device=device)
     if as_json:
         click.echo(json.dumps(results, indent=2))
         return

@@ -205,3 +205,26 @@ def _infer_grid(sd: StateDict, where: str, num_prefix: int) -> int:
         raise FinetuneError(f"{where}: pos_embed has {pos.shape[1]} tokens ({num_prefix} prefix), not a square "
                             "grid of patches")
     return grid
+
+
+def timm_to_hf(sd: StateDict) -> StateDict:
+    """timm -> transformers ViTForImageClassification, in the Hub's layout (`vit.encoder.layer.N.attention.
+    attention.query`, ...: what transformers 4.x reads and 5.x writes back), for `finetune export --to
+    transformers`. Keys without a counterpart stay as they are, so loading reports them."""
+    inverse = [(r"^cls_token$", "vit.embeddings.cls_token"), (r"^pos_embed$", "vit.embeddings.position_embeddings"),
+               (r"^patch_embed\.proj\.", "vit.embeddings.patch_embeddings.projection."),
+               (r"^blocks\.(\d+)\.norm1\.", r"vit.encoder.layer.\1.layernorm_before."),
+               (r"^blocks\.(\d+)\.norm2\.", r"vit.encoder.layer.\1.layernorm_after."),
+               (r"^blocks\.(\d+)\.attn\.proj\.", r"vit.encoder.layer.\1.attention.output.dense."),
+               (r"^blocks\.(\d+)\.mlp\.fc1\.", r"vit.encoder.layer.\1.intermediate.dense."),
+               (r"^blocks\.(\d+)\.mlp\.fc2\.", r"vit.encoder.layer.\1.output.dense."),
+               (r"^norm\.", "vit.layernorm."), (r"^head\.", "classifier.")]
+    out: StateDict = {}
+    for key, value in sd.items():
+        m = re.match(r"^blocks\.(\d+)\.attn\.qkv\.(weight|bias)$", key)
+        if m:
+            for name, part in zip(("query", "key", "value"), value.chunk(3, dim=0)):
+                out[f"vit.encoder.layer.{m.group(1)}.attention.attention.{name}.{m.group(2)}"] = part.contiguous()
+            continue
+        out[_rename(key, inverse)] = value
+    return out

@@ -36,7 +36,7 @@ from timm.layers import resample_abs_pos_embed
 from timm.models.vision_transformer import VisionTransformer
 
 from . import convert, download, hubs
-from .checkpoints import StateDict, read_state_dict
+from .checkpoints import StateDict, read_state_dict, refuse_onnx
 from .errors import FinetuneError
 
 GOOGLE_MEAN_STD = ((0.5, 0.5, 0.5), (0.5, 0.5, 0.5))
@@ -125,6 +125,7 @@ def load_pretrained(ref: str) -> Pretrained:
         "ppv": _from_ppv, "timm": _from_timm, "hf": _from_hf, "npz": _from_npz, "scratch": _from_scratch}
     if scheme in loaders and rest:
         return loaders[scheme](ref, rest)
+    refuse_onnx(ref)
     if Path(ref).suffix in (".safetensors", ".pth", ".pt", ".bin", ".ckpt") or Path(ref).is_file():
         return _from_path(ref)
     raise FinetuneError(_unknown_ref_message(ref))
