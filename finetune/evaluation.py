@@ -222,9 +222,13 @@ def fraction(value: Optional[float]) -> str:
 # ------------------------------------------------------------------------------------- predict
 @torch.inference_mode()
 def predict(checkpoint: Union[str, Path], images: Sequence[str], top_k: int = 5,
-            device: Optional[str] = None, batch_size: int = 32) -> List[Dict[str, Any]]:
+            device: Optional[str] = None, batch_size: int = 32,
+            probabilities: Optional[Callable[[torch.nn.Module, torch.Tensor], torch.Tensor]] = None
+            ) -> List[Dict[str, Any]]:
     """For each image path: its top-k classes with probabilities (scored `batch_size` at a time,
-    under the autocast of the checkpoint's recipe on this device)."""
+    under the autocast of the checkpoint's recipe on this device). `probabilities(model, batch)`
+    replaces softmax(model(batch)): `finetune.calibration.predict` applies the checkpoint's
+    temperature and TTA with it."""
     if top_k < 1:
         raise FinetuneError(f"--top-k: {top_k} is not a positive integer; use e.g. --top-k 5")
     model = load_for_scoring(checkpoint, device)
@@ -239,8 +243,8 @@ def predict(checkpoint: Union[str, Path], images: Sequence[str], top_k: int = 5,
         paths = list(images[start:start + batch_size])
         batch = torch.stack([transform(data_lib.load_image(path)) for path in paths]).to(target)
         with autocast(target, precision):
-            probabilities = model(batch).float().softmax(-1).cpu()
-        for path, row in zip(paths, probabilities):
+            scores = (probabilities(model, batch) if probabilities else model(batch).float().softmax(-1)).cpu()
+        for path, row in zip(paths, scores):
             values, indices = row.topk(min(top_k, len(names)))
             results.append({"image": str(path), "top": [{"class": names[i], "probability": round(v, 6)}
                                                         for v, i in zip(values.tolist(), indices.tolist())]})
