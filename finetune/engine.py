@@ -36,7 +36,7 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from . import data as data_lib
-from . import distributed, methods, rundir, speed, tracking
+from . import calibration, distributed, methods, rundir, speed, tracking
 from .checkpoints import model_meta, save_checkpoint
 from .errors import FinetuneError
 from .evaluation import autocast, build_splits, eval_batch_size, evaluate
@@ -200,6 +200,9 @@ def _train(recipe: Recipe, run_dir: Path, resuming: bool, progress: bool, rank: 
         test = _evaluate_best(run_dir / best["path"], splits.test, recipe, device, multi)
         if rank == 0:
             rundir.store_result(run_dir / best["path"], "test", test, as_run=True)
+    if recipe.calibrate and state.best:  # each kept checkpoint replaced atomically; --resume redoes it
+        for line in calibration.calibrate_run(run_dir, state.best, splits.val, recipe, device, rank):
+            say(line)
     log.status(status, epoch=state.epoch, best_epoch=best and best["epoch"], best_val_top1=best and best["val_top1"])
     return RunResult(run_dir, best["val_top1"] if best else float("nan"), best["epoch"] if best else 0,
                      run_dir / best["path"] if best else None, status, test, best_val)
