@@ -11,6 +11,7 @@ whose value is JSON with everything needed to rebuild and use the model without 
     data_config   mean, std, interpolation, crop_pct, input_size
     source        the ref the weights came from ("ppv:B_16_imagenet1k", a path, ...)
     epoch, metrics, recipe   training provenance (null outside training)
+    temperature, calibration   optional: the fitted softmax temperature (`finetune calibrate`)
 
 Files from elsewhere (`.pth`, `.bin`) are read as data only, with `torch.load(weights_only=True)`.
 """
@@ -18,6 +19,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import math
 import os
 import pickle
 import tempfile
@@ -100,13 +102,14 @@ def _json_default(value: Any) -> Any:
 
 
 def model_meta(model: torch.nn.Module) -> Dict[str, Any]:
-    """The metadata a model built by `finetune.load_model` carries (arch, classes, data config...)."""
+    """The metadata a model built by `finetune.load_model` carries (arch, classes, data config...),
+    less its `temperature`: that was fitted to the weights it came with, which a save may change."""
     info = getattr(model, "finetune_info", None)
     if info is None:
         raise FinetuneError(
             f"{type(model).__name__} has no finetune metadata; build models with finetune.load_model "
             "so checkpoints know their architecture")
-    return dict(info)
+    return {k: v for k, v in info.items() if k != "temperature"}
 
 
 def save_checkpoint(path: str | os.PathLike, model: torch.nn.Module, *, epoch: Optional[int] = None,
@@ -210,6 +213,9 @@ _MODEL_FIELDS = {
                     lambda v: isinstance(v, dict) and _is_number_triple(v.get("mean")) and _is_number_triple(v.get("std"))
                     and isinstance(v.get("interpolation", "bicubic"), str)
                     and isinstance(v.get("crop_pct", 1.0), (int, float)) and not isinstance(v.get("crop_pct"), bool)),
+    "temperature": ("absent or a finite number > 0 (finetune calibrate writes it)",
+                    lambda v: v is None or (isinstance(v, (int, float)) and not isinstance(v, bool)
+                                            and math.isfinite(v) and v > 0)),
 }
 
 

@@ -17,6 +17,9 @@ from .errors import FinetuneError
 SPLITS = ("val", "test")
 FORMATS = ("markdown", "csv", "json")
 DEVICE_HELP = "Where to score: cpu, cuda, cuda:N (default: CUDA when present, else the CPU)."
+TTA_CHOICES = ("flip", "crops")  # finetune.calibration.TTA_MODES, without importing torch for --help
+TTA_HELP = ("Test-time augmentation, probabilities averaged over the passes: flip = the image and its mirror; "
+            "crops = the image and five zoomed crops (corners and centre, 7/8 of the side).")
 
 
 def device_option(command):
@@ -207,16 +210,46 @@ def sweep_cmd(recipe: str, grid: Sequence[str], random_trials: Optional[int], se
 @click.option("--split", type=click.Choice(["val", "test", "train"]), default="val", show_default=True)
 @click.option("--batch-size", type=int, default=None)
 @click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
+@click.option("--tta", type=click.Choice(TTA_CHOICES), default=None, help=TTA_HELP + " Reported beside the plain scores.")
 @device_option
 def eval_cmd(checkpoint: str, recipe: Optional[str], overrides: Sequence[str], split: str,
-             batch_size: Optional[int], as_json: bool, device: Optional[str]) -> None:
-    """Top-1, top-5, per-class accuracy, loss and confusion matrix of CHECKPOINT (or .onnx export) on a split."""
-    from .evaluation import evaluate_on_split, format_report
+             batch_size: Optional[int], as_json: bool, tta: Optional[str], device: Optional[str]) -> None:
+    """Top-1, top-5, per-class accuracy, loss and confusion matrix of CHECKPOINT (or an .onnx export)
+    on a split, and its calibration (ECE, NLL, Brier) with its temperature and without; a multi-label
+    checkpoint: mAP, F1 at its threshold and per-class AP."""
+    from .calibration import evaluate_calibrated, report_lines
+    from .evaluation import format_report
     from .export import evaluate_onnx_on_split, is_onnx
-    score = evaluate_onnx_on_split if is_onnx(checkpoint) else evaluate_on_split
-    report = score(checkpoint, recipe=recipe, overrides=overrides, split=split, batch_size=batch_size,
-                   device=device)
-    click.echo(json.dumps(report, indent=2) if as_json else format_report(report))
+    if is_onnx(checkpoint):
+        report = evaluate_onnx_on_split(checkpoint, recipe=recipe, overrides=overrides, split=split,
+                                        batch_size=batch_size, device=device)
+    else:
+        report = evaluate_calibrated(checkpoint, recipe=recipe, overrides=overrides, split=split,
+                                     batch_size=batch_size, device=device, tta=tta)
+    click.echo(json.dumps(report, indent=2) if as_json else "\n".join([format_report(report), *report_lines(report)]))
+
+
+@cli.command("calibrate")
+@click.argument("checkpoint", type=click.Path(dir_okay=False))
+@click.option("-o", "--out", required=True, type=click.Path(dir_okay=False),
+              help="Output .safetensors: CHECKPOINT with the temperature in its metadata (CHECKPOINT itself "
+                   "with --force: replaced atomically).")
+@click.option("--split", type=click.Choice(SPLITS), default="val", show_default=True,
+              help="Split to fit on (fitted on test, calibration scores on test are optimistic).")
+@click.option("--recipe", default=None, help="Recipe for the data (default: the one stored in the checkpoint).")
+@click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE", help="Override a recipe field.")
+@click.option("--batch-size", type=int, default=None)
+@click.option("--force", is_flag=True, help="Replace OUT if it exists.")
+@click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
+@device_option
+def calibrate_cmd(checkpoint: str, out: str, split: str, recipe: Optional[str], overrides: Sequence[str],
+                  batch_size: Optional[int], force: bool, as_json: bool, device: Optional[str]) -> None:
+    """Fit a softmax temperature on a split (temperature scaling, Guo et al. 2017) and write
+    CHECKPOINT with it to OUT; eval, predict and compare then use it."""
+    from .calibration import calibrate_checkpoint, describe_calibration
+    record = calibrate_checkpoint(checkpoint, out, split=split, recipe=recipe, overrides=overrides,
+                                  batch_size=batch_size, device=device, force=force)
+    click.echo(json.dumps(record, indent=2) if as_json else "\n".join(describe_calibration(record)))
 
 
 @cli.command("predict")
@@ -224,14 +257,19 @@ def eval_cmd(checkpoint: str, recipe: Optional[str], overrides: Sequence[str], s
 @click.argument("images", nargs=-1, required=True, type=click.Path(dir_okay=False))
 @click.option("--top-k", type=click.IntRange(min=1), default=5, show_default=True)
 @click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
+@click.option("--tta", type=click.Choice(TTA_CHOICES), default=None, help=TTA_HELP)
 @device_option
-def predict_cmd(checkpoint: str, images: Sequence[str], top_k: int, as_json: bool, device: Optional[str]) -> None:
-    """Top-k class names and probabilities for each IMAGE (multi-label: every label above the
-    checkpoint's threshold, with its probability); CHECKPOINT may be an .onnx export."""
-    from .evaluation import predict
+def predict_cmd(checkpoint: str, images: Sequence[str], top_k: int, as_json: bool, tta: Optional[str],
+                device: Optional[str]) -> None:
+    """Top-k class names and probabilities for each IMAGE, with the checkpoint's temperature
+    (multi-label: every label above the checkpoint's threshold, with its probability); CHECKPOINT
+    may be an .onnx export."""
+    from .calibration import predict
     from .export import is_onnx, predict_onnx
-    score = predict_onnx if is_onnx(checkpoint) else predict
-    results = score(checkpoint, images, top_k=top_k, device=device)
+    if is_onnx(checkpoint):
+        results = predict_onnx(checkpoint, images, top_k=top_k, device=device)
+    else:
+        results = predict(checkpoint, images, top_k=top_k, device=device, tta=tta)
     if as_json:
         click.echo(json.dumps(results, indent=2))
         return
@@ -274,7 +312,8 @@ def soup_cmd(ingredients, out, method, weights, alphas, recipe, split, allow_tes
     path = make_soup(ingredients, out=out, method=method, weights=_parse_weights(weights), recipe=recipe,
                      split=split, evaluate=False if no_eval else None, device=device, force=force,
                      alphas=parse_alphas(alphas), allow_test_selection=allow_test_selection)
-    for line in describe_soup(path):
+    from .calibration import temperature_lines
+    for line in describe_soup(path) + temperature_lines(path):
         click.echo(line)
 
 
@@ -295,16 +334,22 @@ def _parse_weights(text: Optional[str]):
               "epochs, best_val_top1 (val), best_epoch, test_top1 (test), params, images_per_s, status.")
 @click.option("--eval", "do_eval", is_flag=True, help="First score checkpoints that have no score on --split.")
 @click.option("--split", type=click.Choice(SPLITS), default="test", show_default=True)
+@click.option("--tta", type=click.Choice(TTA_CHOICES), default=None,
+              help="With --eval: also score each checkpoint with this test-time augmentation (a 'TTA top-1' "
+                   "column). " + TTA_HELP)
 @device_option
-def compare_cmd(inputs, runs_dir, fmt, sort, do_eval, split, device) -> None:
+def compare_cmd(inputs, runs_dir, fmt, sort, do_eval, split, tta, device) -> None:
     """Table of runs (RUN_DIR) and checkpoints or soups (CKPT), default every run under --runs-dir."""
     from .compare import collect_rows, evaluate_missing, format_table, sort_key_of
     from .evaluation import fraction
     sort_key_of(sort)  # a typo fails before any evaluation runs
+    if tta and not do_eval:
+        raise FinetuneError(f"--tta {tta}: scores with TTA are computed by --eval; add --eval")
     rows = collect_rows(inputs, runs_dir)
     if do_eval:
-        for done in evaluate_missing(rows, split, device=device):
-            message = done.get("skipped") or f"{done['split']} top-1 {fraction(done['top1'])}"
+        for done in evaluate_missing(rows, split, device=device, tta=tta):
+            message = done.get("skipped") or f"{done['split']} top-1 {fraction(done['top1'])}" + (
+                f", {tta} TTA top-1 {fraction(done.get('top1_tta'))}" if tta else "")
             click.echo(f"{done['name']}: {message}", err=True)  # stdout stays a clean table/CSV/JSON
         rows = collect_rows(inputs, runs_dir)
     click.echo(format_table(rows, fmt, sort))
@@ -350,7 +395,7 @@ def bench_cmd(model_ref: str, img_size: Optional[int], batch_size: int, precisio
 # ----------------------------------------------------------------------------------------- viz
 @cli.group("viz")
 def viz_group() -> None:
-    """Pictures of a model: attention maps, position embeddings, confusion, t-SNE, curves."""
+    """Pictures of a model: attention maps, position embeddings, confusion, t-SNE, curves, reliability."""
 
 
 @viz_group.command("attention")
@@ -394,6 +439,15 @@ def viz_tsne_cmd(run_or_ckpt: str, split: str, recipe: Optional[str], out: str, 
     """t-SNE of the split's pre-head (CLS) features, coloured by class."""
     from .viz import write_tsne_figure
     click.echo(str(write_tsne_figure(run_or_ckpt, out, split=split, recipe=recipe, device=device)))
+
+
+@viz_group.command("reliability")
+@split_figure_options
+def viz_reliability_cmd(run_or_ckpt: str, split: str, recipe: Optional[str], out: str, device: Optional[str]) -> None:
+    """Reliability diagram: accuracy against top-1 confidence in 15 bins, with the ECE; before and
+    after the checkpoint's temperature when it has one."""
+    from .viz import write_reliability_figure
+    click.echo(str(write_reliability_figure(run_or_ckpt, out, split=split, recipe=recipe, device=device)))
 
 
 @viz_group.command("curves")

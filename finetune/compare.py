@@ -49,6 +49,8 @@ SORT_ALIASES = {"run": "name", "img": "img_size", "val": "best_val_top1", "val_t
                 "f1": "test_f1_micro"}
 DESCENDING = {"best_val_top1", "test_top1", "best_val_mAP", "test_mAP", "test_f1_micro", "test_f1_macro",
               "images_per_s"}  # bigger is better: best first
+TTA_KEYS = ("tta", "tta_split", "tta_top1")  # in rows scored with --eval --tta only; then a column too
+TTA_COLUMN = ("TTA top-1", "tta_top1")
 Evaluator = Callable[[Path, str], Dict[str, Any]]
 
 
@@ -104,6 +106,7 @@ def run_row(run_dir: Path) -> Dict[str, Any]:
         row.update(test_f1_micro=test.get("f1_micro"), test_f1_macro=test.get("f1_macro"))
     row["params"] = _safe_params(checkpoint) if checkpoint else None
     row["status"] = _run_status(status, run_dir, notes)
+    row.update(_tta_fields(results))
     return row
 
 
@@ -127,7 +130,7 @@ def checkpoint_row(path: Path) -> Dict[str, Any]:
     stored_val = stored.get("val") if isinstance(stored.get("val"), dict) else {}
     row.update(_recipe_fields(recipe), task=task, img_size=meta.get("img_size"), best_epoch=meta.get("epoch"),
                **{f"best_val_{metric}": metrics.get(f"val_{metric}", stored_val.get(metric)),
-                  f"test_{metric}": metrics.get(f"test_{metric}", stored_test.get(metric))})
+                  f"test_{metric}": metrics.get(f"test_{metric}", stored_test.get(metric))}, **_tta_fields(stored))
     if metric == "mAP":
         row.update(test_f1_micro=stored_test.get("f1_micro"), test_f1_macro=stored_test.get("f1_macro"))
     if meta.get("source") == "soup":
@@ -194,6 +197,15 @@ def _run_result(result: Any) -> Dict[str, Any]:
     return result
 
 
+def _tta_fields(results: Dict[str, Any]) -> Dict[str, Any]:
+    """tta, tta_split and tta_top1 of the test (else val) score stored with TTA; {} when none was."""
+    for split in ("test", "val"):
+        entry = results.get(split)
+        if _run_result(entry).get("top1") is not None and isinstance(entry.get("top1_tta"), (int, float)):
+            return {"tta": entry.get("tta"), "tta_split": split, "tta_top1": entry["top1_tta"]}
+    return {}
+
+
 def _first_present(*values: Any) -> Any:
     return next((v for v in values if v is not None), None)
 
@@ -213,21 +225,30 @@ def _run_status(status: Dict[str, Any], run_dir: Path, notes: List[str]) -> str:
 
 # ---------------------------------------------------------------------------------------- eval
 def evaluate_missing(rows: Sequence[Dict[str, Any]], split: str = "test",
-                     evaluator: Optional[Evaluator] = None, device: Optional[str] = None) -> List[Dict[str, Any]]:
+                     evaluator: Optional[Evaluator] = None, device: Optional[str] = None,
+                     tta: Optional[str] = None) -> List[Dict[str, Any]]:
     """Score on `split` every row's checkpoint that has no score there yet; store it in results.json.
 
     `evaluator(checkpoint_path, split)` returns {"top1", "top5", "loss"}; by default
     `evaluation.evaluate_on_split` scores the checkpoint on its recipe's dataset, on `device`.
+    With `tta` (a `calibration.TTA_MODES` name) the default is `calibration.evaluate_calibrated`,
+    which adds `top1_tta`, and a row counts as missing until it has a score with that TTA there.
     Returns what was done, row by row.
     """
     if split not in SPLITS:
         raise FinetuneError(f"split: unknown value {split!r}; expected one of {', '.join(SPLITS)}")
+    if tta is not None:
+        from .calibration import evaluate_calibrated, tta_views
+        tta_views(tta)  # an unknown mode fails before any evaluation runs
+        evaluator = evaluator or (lambda checkpoint, on: evaluate_calibrated(checkpoint, split=on, device=device,
+                                                                             store=False, tta=tta))
     evaluator = evaluator or (lambda checkpoint, on: evaluate_on_split(checkpoint, split=on, device=device,
                                                                        store=False))
     done = []
     for row in rows:
         metric = "mAP" if row.get("task") == "multilabel" else "top1"
-        if row.get(f"test_{metric}" if split == "test" else f"best_val_{metric}") is not None:
+        score_key = f"test_{metric}" if split == "test" else f"best_val_{metric}"
+        if row.get(score_key) is not None and (tta is None or (row.get("tta"), row.get("tta_split")) == (tta, split)):
             continue
         if not row.get("checkpoint"):
             done.append({"name": row["name"], "skipped": "no checkpoint to evaluate"})
@@ -236,7 +257,8 @@ def evaluate_missing(rows: Sequence[Dict[str, Any]], split: str = "test",
         result = evaluator(checkpoint, split)
         rundir.store_result(checkpoint, split, result, as_run=row["kind"] == "run")
         done.append({"name": row["name"], "checkpoint": str(checkpoint), "split": split,
-                     **{k: result[k] for k in ("top1", "mAP") if k in result}})
+                     **{k: result[k] for k in ("top1", "mAP") if k in result},
+                     **({"top1_tta": result.get("top1_tta")} if tta else {})})
     return done
 
 
@@ -281,7 +303,7 @@ def format_table(rows: Sequence[Dict[str, Any]], fmt: str = "markdown", sort: Op
 
 
 def _markdown(rows: Sequence[Dict[str, Any]]) -> str:
-    columns = table_columns(rows)
+    columns = table_columns(rows) + ([TTA_COLUMN] if any("tta_top1" in row for row in rows) else [])
     lines = ["| " + " | ".join(header for header, _ in columns) + " |",
              "|" + "|".join("---" for _ in columns) + "|"]
     for row in rows:
@@ -310,6 +332,8 @@ def _cell(row: Dict[str, Any], key: str) -> str:
         return "-"
     if key in ("test_top1", "test_mAP"):
         return fraction(value)
+    if key == "tta_top1":
+        return f"{fraction(value)} ({row.get('tta')}, {row.get('tta_split')})"
     if key == "params":
         return f"{value / 1e6:.2f}"
     if key == "images_per_s":
@@ -319,8 +343,9 @@ def _cell(row: Dict[str, Any], key: str) -> str:
 
 def _csv(rows: Sequence[Dict[str, Any]]) -> str:
     buffer = io.StringIO()
-    writer = csv.DictWriter(buffer, fieldnames=ROW_KEYS, lineterminator="\n")
+    fields = ROW_KEYS + (TTA_KEYS if any("tta_top1" in row for row in rows) else ())
+    writer = csv.DictWriter(buffer, fieldnames=fields, lineterminator="\n")
     writer.writeheader()
     for row in rows:
-        writer.writerow({k: ";".join(row[k]) if isinstance(row.get(k), list) else row.get(k) for k in ROW_KEYS})
+        writer.writerow({k: ";".join(row[k]) if isinstance(row.get(k), list) else row.get(k) for k in fields})
     return buffer.getvalue().rstrip("\n")

@@ -35,7 +35,7 @@ import torch
 from tqdm.auto import tqdm
 
 from . import data as data_lib
-from . import distributed, methods, rundir, speed, tasks, tracking
+from . import calibration, distributed, methods, rundir, speed, tasks, tracking
 from .checkpoints import model_meta, save_checkpoint
 from .errors import FinetuneError
 from .evaluation import autocast, build_splits, eval_batch_size, evaluate
@@ -205,6 +205,9 @@ def _train(recipe: Recipe, run_dir: Path, resuming: bool, progress: bool, rank: 
         test = _evaluate_best(run_dir / best["path"], splits.test, recipe, device, multi)
         if rank == 0:
             rundir.store_result(run_dir / best["path"], "test", test, as_run=True)
+    if recipe.calibrate and state.best:  # each kept checkpoint replaced atomically; --resume redoes it
+        for line in calibration.calibrate_run(run_dir, state.best, splits.val, recipe, device, rank):
+            say(line)
     best_score = rundir.entry_score(best) if best else float("nan")
     log.status(status, epoch=state.epoch, best_epoch=best and best["epoch"],
                **{f"best_val_{task.metric}": best_score if best else None})

@@ -231,11 +231,15 @@ def fraction(value: Optional[float]) -> str:
 # ------------------------------------------------------------------------------------- predict
 @torch.inference_mode()
 def predict(checkpoint: Union[str, Path], images: Sequence[str], top_k: int = 5,
-            device: Optional[str] = None, batch_size: int = 32) -> List[Dict[str, Any]]:
+            device: Optional[str] = None, batch_size: int = 32,
+            probabilities: Optional[Callable[[torch.nn.Module, torch.Tensor], torch.Tensor]] = None
+            ) -> List[Dict[str, Any]]:
     """For each image path: its top-k classes with probabilities (scored `batch_size` at a time,
     under the autocast of the checkpoint's recipe on this device). A multi-label checkpoint gives
     every class whose sigmoid reaches its threshold (`labels`, most probable first) and, as `top`,
-    the top-k sigmoids whatever the threshold."""
+    the top-k sigmoids whatever the threshold. `probabilities(model, batch)` replaces
+    softmax(model(batch)) of a classifier: `finetune.calibration.predict` applies the checkpoint's
+    temperature and TTA with it."""
     if top_k < 1:
         raise FinetuneError(f"--top-k: {top_k} is not a positive integer; use e.g. --top-k 5")
     model = load_for_scoring(checkpoint, device)
@@ -252,8 +256,11 @@ def predict(checkpoint: Union[str, Path], images: Sequence[str], top_k: int = 5,
         paths = list(images[start:start + batch_size])
         batch = torch.stack([transform(data_lib.load_image(path)) for path in paths]).to(target)
         with autocast(target, precision):
-            probabilities = task.probabilities(model(batch)).cpu()
-        for path, row in zip(paths, probabilities):
+            if probabilities is not None and task.name == "classification":
+                scores = probabilities(model, batch).cpu()
+            else:
+                scores = task.probabilities(model(batch)).cpu()
+        for path, row in zip(paths, scores):
             results.append({"image": str(path), **_predicted(row, names, top_k, task, threshold)})
     return results
 

@@ -267,6 +267,9 @@ def _attach_info(model: VisionTransformer, p: Pretrained, num_classes: int, img_
         "arch": _arch_for_build(p.arch), "num_classes": num_classes, "img_size": img_size,
         "class_names": list(class_names) if class_names else None, "data_config": data_config,
         "source": p.source, **{k: v for k, v in p.extra.items() if k in CARRIED_META},
+        # A temperature is fitted to this head at this resolution (finetune.calibration).
+        **({"temperature": p.extra["temperature"]} if p.extra.get("temperature") is not None
+           and (num_classes, img_size) == (p.num_classes, p.img_size) else {}),
     }
 
 

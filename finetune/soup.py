@@ -46,6 +46,7 @@ import torch
 from safetensors import SafetensorError, safe_open
 
 from . import rundir, tasks
+from .calibration import calibrate_soup
 from .checkpoints import StateDict, read_checkpoint, read_meta, refuse_to_overwrite, tensor_shapes, write_checkpoint
 from .errors import FinetuneError
 from .evaluation import (ScoreFn, build_splits, fraction, load_for_scoring, recipe_for, split_scorer,
@@ -432,8 +433,9 @@ def make_soup(inputs: Iterable[str | os.PathLike], out: Optional[str | os.PathLi
     """
     _check_options(method, weights, split, evaluate, alphas, allow_test_selection)
     inputs = list(inputs)
-    if method == "wise":
-        return _make_wise(inputs, out, recipe, split, score_fn, device, force, alphas, report_fn)
+    if method == "wise":  # then, as below, a soup we scored on val gets its own temperature
+        return calibrate_soup(_make_wise(inputs, out, recipe, split, score_fn, device, force, alphas, report_fn),
+                              recipe, split, device, scored=score_fn is None)
     skipped: List[Dict[str, str]] = []
     paths = resolve_ingredients(inputs, skipped)
     metas = validate_ingredients(paths)
@@ -453,7 +455,7 @@ def make_soup(inputs: Iterable[str | os.PathLike], out: Optional[str | os.PathLi
     del score_fn  # the selection model is no longer needed
     reported = _report(tensors, split, scored, own_scorer, report_fn, paths[0], recipe, device)
     meta = _soup_meta(metas, paths, out, info, split if scored else None, score, reported, skipped)
-    return write_checkpoint(out, tensors, meta)
+    return calibrate_soup(write_checkpoint(out, tensors, meta), recipe, split, device, scored=scored and own_scorer)
 
 
 def _make_wise(inputs: List, out, recipe: Any, split: str, score_fn: Optional[ScoreFn], device: Optional[str],

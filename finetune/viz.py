@@ -596,3 +596,50 @@ def write_run_pictures(run_dir, device: Optional[str] = None, val_report: Option
     run_dir = Path(run_dir)
     return [write_curves_figure([run_dir], run_dir / "curves.png"),
             write_confusion_figure(run_dir, run_dir / "confusion.png", split="val", device=device, report=val_report)]
+
+
+# -------------------------------------------------------------------------------- reliability
+RELIABILITY_PANEL_SIZE = (4.6, 5.0)
+
+
+def write_reliability_figure(run_or_ckpt, out, split: str = "val", recipe: Optional[str] = None,
+                             device: Optional[str] = None) -> Path:
+    """Reliability diagram (Guo et al. 2017, fig. 1) on a split: per 15-bin of top-1 confidence, the
+    accuracy against the diagonal, and the share of images above it; at T = 1 and, for a calibrated
+    checkpoint, beside it at its temperature. The ECE is in each panel's title."""
+    from .calibration import reliability_panels
+    checkpoint = resolve_checkpoint(run_or_ckpt)
+    panels, images = reliability_panels(checkpoint, split, recipe, device)
+    title = f"{_shorten(_describe(checkpoint), 60)}: {split} ({images} images)"
+    return _draw_reliability(panels, title, out)
+
+
+def _draw_reliability(panels: List[Tuple[str, Dict[str, Any]]], title: str, out) -> Path:
+    plt = _pyplot()
+    from matplotlib.ticker import PercentFormatter
+    width, height = RELIABILITY_PANEL_SIZE
+    fig, axes = plt.subplots(2, len(panels), figsize=(width * len(panels), height), squeeze=False,
+                             gridspec_kw={"height_ratios": (1, 3)}, sharex=True)
+    for column, (label, bins) in enumerate(panels):
+        share_axis, axis = axes[0][column], axes[1][column]
+        edges = np.asarray(bins["edges"])
+        left, step = edges[:-1], np.diff(edges)
+        counts = np.asarray(bins["counts"], dtype=float)
+        share_axis.bar(left, counts / max(counts.sum(), 1), width=step, align="edge", color="0.6", edgecolor="white")
+        share_axis.set_ylabel("images")
+        share_axis.yaxis.set_major_formatter(PercentFormatter(1.0, decimals=0))
+        share_axis.set_title(f"{label}: ECE {bins['ece']:.2%}", fontsize=10)
+        filled = counts > 0
+        accuracy = np.asarray([a if a is not None else 0.0 for a in bins["accuracy"]])
+        confidence = np.asarray([c if c is not None else 0.0 for c in bins["confidence"]])
+        axis.bar(left[filled], accuracy[filled], width=step[filled], align="edge", color="tab:blue",
+                 edgecolor="white", label="accuracy")
+        axis.bar(left[filled], (confidence - accuracy)[filled], bottom=accuracy[filled], width=step[filled],
+                 align="edge", color="tab:red", alpha=0.3, edgecolor="tab:red", hatch="//",
+                 label="gap to mean confidence")
+        axis.plot([0, 1], [0, 1], linestyle="--", color="0.3", linewidth=1, label="perfect calibration")
+        axis.set(xlim=(0, 1), ylim=(0, 1), xlabel="top-1 confidence", ylabel="accuracy")
+        axis.legend(loc="upper left", fontsize=8)
+    fig.suptitle(title, fontsize=10)
+    fig.tight_layout()
+    return _save(fig, out)
