@@ -340,7 +340,9 @@ def train_one_epoch(model, loader, optimizer, scaler, *, recipe: Recipe, epoch: 
     multi = distributed.is_distributed()
     group_images = 0
     # disable=None: a bar on a terminal only, so logs and CI output stay clean.
-    bar = tqdm(loader, total=total, desc=f"epoch {epoch}/{recipe.epochs}", disable=None if progress else True,
+    # iter(): tqdm.auto's class calls iter() on what it wraps once more, which would restart the
+    # DataLoader (a stream re-reads its first batches; map-style workers throw decoded batches away).
+    bar = tqdm(iter(loader), total=total, desc=f"epoch {epoch}/{recipe.epochs}", disable=None if progress else True,
                leave=False, unit="batch")
     optimizer.zero_grad(set_to_none=True)
     micro, steps, stopped = 0, 0, False

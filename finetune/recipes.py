@@ -560,7 +560,10 @@ def load_recipe(name_or_path: str | os.PathLike, overrides: Iterable[str] = ()) 
 def resolve_path(recipe: Recipe, value: str | os.PathLike) -> str:
     """Resolve a relative path from a recipe: against the current directory if it exists there,
     else against the repo root (the folder holding `recipes/`) if it exists there, else the
-    current directory (where a download dir such as `data/` would be created)."""
+    current directory (where a download dir such as `data/` would be created). A URL (webdataset
+    shards over http(s)) is not a path and is kept as it is."""
+    if "://" in str(value):
+        return str(value)
     path = Path(value).expanduser()
     if path.is_absolute():
         return str(path)

@@ -1,4 +1,5 @@
-"""Seeded, resumable, DDP-aware loaders over any map-style split."""
+"""Seeded, resumable, DDP-aware loaders over any map-style split, and over streamed splits
+(`StreamedSplit`: webdataset shards), whose batch sampler reads the stream and whose workers decode."""
 from __future__ import annotations
 
 import contextlib
@@ -7,7 +8,7 @@ from typing import List, Tuple
 
 import numpy as np
 import torch
-from torch.utils.data import DataLoader, Dataset, Sampler
+from torch.utils.data import DataLoader, Dataset, IterableDataset, Sampler
 from torch.utils.data.dataloader import default_collate
 
 from ..errors import FinetuneError
@@ -40,6 +41,9 @@ def build_loader(
     `balanced` draws training samples with probability 1/(size of their class), with replacement,
     `len(dataset)` per epoch; it is ignored when `train` is False, because evaluation must see every
     sample exactly once. For training call `set_epoch(loader, epoch)` every epoch.
+
+    A `StreamedSplit` is loaded through its own batch sampler (see there): the same arguments,
+    the same `set_epoch` and `len()`, and every process yields as many training batches as the others.
     """
     if not isinstance(batch_size, int) or batch_size <= 0:
         raise FinetuneError(f"batch_size: {batch_size!r} is not a positive integer")
@@ -53,6 +57,9 @@ def build_loader(
                   # Its own generator: creating worker iterators never draws from the global RNG,
                   # so a resumed run's dropout and drop-path draws match an uninterrupted run's.
                   generator=torch.Generator().manual_seed(seed))
+    if isinstance(dataset, StreamedSplit):
+        return _streamed_loader(dataset, batch_size=batch_size, train=train, balanced=balanced, seed=seed,
+                                rank=rank, world_size=world_size, common=common)
     if not train:
         return DataLoader(dataset, batch_size=batch_size // world_size,
                           sampler=ShardSampler(len(dataset), rank, world_size), **common)
@@ -62,8 +69,61 @@ def build_loader(
 
 
 def set_epoch(loader: DataLoader, epoch: int, skip_batches: int = 0) -> None:
-    """Point a training loader at `epoch`'s batches, leaving out the first `skip_batches` (resume)."""
+    """Point a training loader at `epoch`'s batches, leaving out the first `skip_batches` (resume);
+    a streamed split's loader too (its batch sampler has the same `set_epoch`)."""
     loader.batch_sampler.set_epoch(epoch, skip_batches)
+
+
+def _streamed_loader(dataset: "StreamedSplit", *, batch_size: int, train: bool, balanced: bool, seed: int,
+                     rank: int, world_size: int, common: dict) -> DataLoader:
+    if balanced and train:
+        raise FinetuneError("data.balanced: class-balanced sampling draws by label from the whole split, which a "
+                            "streamed split (webdataset) does not hold; set data.balanced: false")
+    batches = dataset.batches(train=train, seed=seed, global_batch=batch_size, rank=rank, world_size=world_size)
+    return DataLoader(StreamedSamples(dataset), batch_sampler=batches, **common)
+
+
+class StreamedSplit(IterableDataset):
+    """A split read as a stream of samples (webdataset's tar shards), not indexed.
+
+    `len()` is its sample count; iterating it yields every readable (image, target) once, in order,
+    in this process. `build_loader` loads it through the two methods a source implements:
+
+    - `batches(train=, seed=, global_batch=, rank=, world_size=)`: the batch sampler. It reads the
+      stream in the loader's own process and yields each batch as a list of undecoded items; it has
+      `set_epoch(epoch, skip_batches)` and `len()` as `EpochBatches` has, and every process's
+      training sampler yields the same number of batches.
+    - `decode(item)`: (image, target) from one undecoded item, or None when its image is
+      unreadable; run by the DataLoader's workers, where the CPU time goes.
+
+    Reading in the sampler keeps the order a function of (seed, epoch, processes) alone, whatever
+    the number of workers (`data.workers` may change on resume), and a resume can drop the batches
+    already trained on before they reach a worker: read again, never decoded.
+    """
+
+    def batches(self, *, train: bool, seed: int, global_batch: int, rank: int, world_size: int) -> Sampler:
+        raise NotImplementedError
+
+    def decode(self, item):
+        raise NotImplementedError
+
+
+class StreamedSamples(Dataset):
+    """The workers' half of a streamed split's loader: (item, sample seed) -> `split.decode(item)`,
+    augmented under the sample seed as `SeededSamples` does (seed None: evaluation, unseeded)."""
+
+    def __init__(self, split: StreamedSplit):
+        self.split = split
+
+    def __len__(self) -> int:
+        return len(self.split)
+
+    def __getitem__(self, item: Tuple[object, int]):
+        raw, seed = item
+        if seed is None:
+            return self.split.decode(raw)
+        with _rng_seeded(seed):
+            return self.split.decode(raw)
 
 
 class EpochBatches(Sampler):
