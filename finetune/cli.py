@@ -291,18 +291,24 @@ def _parse_weights(text: Optional[str]):
               "epochs, best_val_top1 (val), best_epoch, test_top1 (test), params, images_per_s, status.")
 @click.option("--eval", "do_eval", is_flag=True, help="First score checkpoints that have no score on --split.")
 @click.option("--split", type=click.Choice(SPLITS), default="test", show_default=True)
+@click.option("--ensemble", is_flag=True, help="Add a row for the logit ensemble of the checkpoints given (runs' "
+              "best checkpoints and checkpoint files; soups always bring the ensemble of their ingredients).")
 @device_option
-def compare_cmd(inputs, runs_dir, fmt, sort, do_eval, split, device) -> None:
-    """Table of runs (RUN_DIR) and checkpoints or soups (CKPT), default every run under --runs-dir."""
+def compare_cmd(inputs, runs_dir, fmt, sort, do_eval, split, ensemble, device) -> None:
+    """Table of runs (RUN_DIR) and checkpoints or soups (CKPT), default every run under --runs-dir.
+
+    Each soup of two or more fine-tunes is followed by an `ensemble` row: the logit ensemble (mean
+    of logits, k forward passes an image) of its ingredients, scored when the soup was, or by --eval.
+    """
     from .compare import collect_rows, evaluate_missing, format_table, sort_key_of
     from .evaluation import fraction
     sort_key_of(sort)  # a typo fails before any evaluation runs
-    rows = collect_rows(inputs, runs_dir)
+    rows = collect_rows(inputs, runs_dir, ensemble=ensemble)
     if do_eval:
         for done in evaluate_missing(rows, split, device=device):
             message = done.get("skipped") or f"{done['split']} top-1 {fraction(done['top1'])}"
             click.echo(f"{done['name']}: {message}", err=True)  # stdout stays a clean table/CSV/JSON
-        rows = collect_rows(inputs, runs_dir)
+        rows = collect_rows(inputs, runs_dir, ensemble=ensemble)
     click.echo(format_table(rows, fmt, sort))
 
 
