@@ -281,11 +281,14 @@ def predict_cmd(checkpoint: str, images: Sequence[str], top_k: int, as_json: boo
 # ---------------------------------------------------------------------------------- soup, compare
 @cli.command("soup")
 @click.argument("ingredients", nargs=-1, required=True)
-@click.option("-o", "--out", default=None, help="Output .safetensors (default: soup.safetensors, soup-greedy or "
-              "soup-wise.safetensors beside the first ingredient, or in the run/sweep directory given).")
-@click.option("--method", type=click.Choice(("uniform", "greedy", "wise")), default="uniform", show_default=True,
+@click.option("-o", "--out", default=None, help="Output .safetensors (default: soup.safetensors, soup-METHOD"
+              ".safetensors beside the first fine-tune, or in the run/sweep directory given).")
+@click.option("--method", type=click.Choice(("uniform", "greedy", "wise", "stock", "learned")), default="uniform",
+              show_default=True,
               help="uniform: the mean; greedy: add ingredients best first while the selection score improves; "
-                   "wise: WiSE-FT, PRETRAINED_REF CHECKPOINT interpolated with each --alpha.")
+                   "wise: WiSE-FT, PRETRAINED_REF CHECKPOINT interpolated with each --alpha; stock: Model Stock, "
+                   "PRETRAINED_REF CKPT CKPT [...], each tensor pulled from the fine-tunes' mean towards the "
+                   "pretrained one by their angle; learned: mixing weights learned on --split by gradient descent.")
 @click.option("--weights", default=None, help="Uniform only: comma-separated weights, one per ingredient.")
 @click.option("--alpha", "alphas", default=None, metavar="A1,A2,...",
               help="wise: the alphas to try, 0 = the pretrained backbone, 1 = the fine-tune "
@@ -295,23 +298,32 @@ def predict_cmd(checkpoint: str, images: Sequence[str], top_k: int, as_json: boo
               help="Split that greedy and wise select on (uniform: scores on); with val, the soup is also "
                    "scored on test when the data has a test split.")
 @click.option("--allow-test-selection", is_flag=True,
-              help="Let greedy/wise select on --split test (their score there is then optimistic).")
-@click.option("--no-eval", "no_eval", is_flag=True, help="Uniform only: do not score the soup.")
+              help="Let greedy/wise/learned select on --split test (their score there is then optimistic).")
+@click.option("--no-eval", "no_eval", is_flag=True, help="Uniform and stock: do not score the soup.")
+@click.option("--by-layer", is_flag=True, help="learned: one weight per ingredient and block, not per ingredient.")
+@click.option("--epochs", type=int, default=None, help="learned: passes over --split (default 5).")
+@click.option("--lr", type=float, default=None, help="learned: AdamW learning rate of the mixing weights (default 0.05).")
+@click.option("--batch-size", type=int, default=None, help="learned: images per step (default: the recipe's).")
+@click.option("--ensemble/--no-ensemble", default=None,
+              help="Also score the logit ensemble of the ingredients (k forward passes per image) and report it "
+                   "beside the soup (default: when the soup is scored from a known recipe).")
 @click.option("--force", is_flag=True, help="Replace the output file if it exists.")
 @device_option
-def soup_cmd(ingredients, out, method, weights, alphas, recipe, split, allow_test_selection, no_eval, force,
-             device) -> None:
+def soup_cmd(ingredients, out, method, weights, alphas, recipe, split, allow_test_selection, no_eval, by_layer,
+             epochs, lr, batch_size, ensemble, force, device) -> None:
     """Average the weights of INGREDIENTS into one checkpoint.
 
     INGREDIENTS are checkpoints, run directories (their best checkpoints) or a sweep directory
     (every finished trial's best checkpoints, ranked by val top-1). With --method wise they are
     PRETRAINED_REF CHECKPOINT: the weights the fine-tune started from (any model ref) and the
-    fine-tune (a checkpoint or run directory).
+    fine-tune (a checkpoint or run directory); with --method stock, PRETRAINED_REF then two or more
+    fine-tunes of it.
     """
     from .soup import describe_soup, make_soup, parse_alphas
     path = make_soup(ingredients, out=out, method=method, weights=_parse_weights(weights), recipe=recipe,
                      split=split, evaluate=False if no_eval else None, device=device, force=force,
-                     alphas=parse_alphas(alphas), allow_test_selection=allow_test_selection)
+                     alphas=parse_alphas(alphas), allow_test_selection=allow_test_selection, by_layer=by_layer,
+                     epochs=epochs, lr=lr, batch_size=batch_size, ensemble=ensemble)
     from .calibration import temperature_lines
     for line in describe_soup(path) + temperature_lines(path):
         click.echo(line)
@@ -337,21 +349,28 @@ def _parse_weights(text: Optional[str]):
 @click.option("--tta", type=click.Choice(TTA_CHOICES), default=None,
               help="With --eval: also score each checkpoint with this test-time augmentation (a 'TTA top-1' "
                    "column). " + TTA_HELP)
+@click.option("--ensemble", is_flag=True, help="Add a row for the logit ensemble of the checkpoints given (runs' "
+              "best checkpoints and checkpoint files; soups always bring the ensemble of their ingredients).")
 @device_option
-def compare_cmd(inputs, runs_dir, fmt, sort, do_eval, split, tta, device) -> None:
-    """Table of runs (RUN_DIR) and checkpoints or soups (CKPT), default every run under --runs-dir."""
+def compare_cmd(inputs, runs_dir, fmt, sort, do_eval, split, tta, ensemble, device) -> None:
+    """Table of runs (RUN_DIR) and checkpoints or soups (CKPT), default every run under --runs-dir.
+
+    Each soup of two or more fine-tunes is followed by an `ensemble` row: the logit ensemble (mean
+    of logits, k forward passes an image) of its ingredients, scored when the soup was, or by --eval.
+    """
     from .compare import collect_rows, evaluate_missing, format_table, sort_key_of
     from .evaluation import fraction
     sort_key_of(sort)  # a typo fails before any evaluation runs
     if tta and not do_eval:
         raise FinetuneError(f"--tta {tta}: scores with TTA are computed by --eval; add --eval")
-    rows = collect_rows(inputs, runs_dir)
+    rows = collect_rows(inputs, runs_dir, ensemble=ensemble)
     if do_eval:
         for done in evaluate_missing(rows, split, device=device, tta=tta):
-            message = done.get("skipped") or f"{done['split']} top-1 {fraction(done['top1'])}" + (
+            score = f"top-1 {fraction(done['top1'])}" if "top1" in done else f"mAP {fraction(done.get('mAP'))}"
+            message = done.get("skipped") or f"{done['split']} {score}" + (
                 f", {tta} TTA top-1 {fraction(done.get('top1_tta'))}" if tta else "")
             click.echo(f"{done['name']}: {message}", err=True)  # stdout stays a clean table/CSV/JSON
-        rows = collect_rows(inputs, runs_dir)
+        rows = collect_rows(inputs, runs_dir, ensemble=ensemble)
     click.echo(format_table(rows, fmt, sort))
 
 

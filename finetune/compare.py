@@ -10,7 +10,15 @@ mid-write) still gets a row, marked in `status` and `notes`; the table never fai
 
 Scores added by `evaluate_missing` (`--eval`) go to the folder's results.json: a run's best
 checkpoint under the split's name (`{"test": {"top1", "top5", "loss", "checkpoint"}}`, as eval
-writes it), any other checkpoint of the folder (a soup) under `{"checkpoints": {FILE: {SPLIT: ...}}}`.
+writes it), any other checkpoint of the folder (a soup) under `{"checkpoints": {FILE: {SPLIT: ...}}}`,
+an ensemble under `{"ensembles": {"a.safetensors + b.safetensors": {SPLIT: ...}}}`.
+
+Ensembles, the reference a soup approaches: every soup of k >= 2 fine-tunes among the rows brings
+a row of kind `ensemble` right after it, the logit ensemble (mean of logits, k forward passes an
+image) of its ingredients as its metadata lists them (one row per distinct set of ingredients),
+scored from the soup's own `ensemble` record when the soup has one, else from results.json, else
+by `--eval`. `ensemble=True` (`compare --ensemble`) adds the ensemble of the checkpoints given
+that are not soups (checkpoint files, and each run's best checkpoint).
 """
 from __future__ import annotations
 
@@ -25,13 +33,14 @@ from typing import Any, Callable, Dict, Iterable, List, Optional, Sequence, Tupl
 from . import rundir
 from .checkpoints import read_meta, tensor_shapes
 from .errors import FinetuneError
+from .ensemble import ensemble_on_split
 from .evaluation import evaluate_on_split, fraction
 from .rundir import SPLITS
 
 FORMATS = ("markdown", "csv", "json")
 ROW_KEYS = ("name", "kind", "task", "model", "recipe", "dataset", "img_size", "epochs", "best_val_top1", "best_epoch",
             "test_top1", "best_val_mAP", "test_mAP", "test_f1_micro", "test_f1_macro", "params", "images_per_s",
-            "ingredients", "status", "notes", "path", "checkpoint")
+            "ingredients", "status", "notes", "path", "checkpoint", "members")
 TABLE_COLUMNS = (  # (header, row key)
     ("run", "name"), ("kind", "kind"), ("model", "model"), ("recipe", "recipe"), ("dataset", "dataset"),
     ("img", "img_size"), ("epochs", "epochs"), ("best val top-1 (epoch)", "best_val_top1"),
@@ -52,18 +61,26 @@ DESCENDING = {"best_val_top1", "test_top1", "best_val_mAP", "test_mAP", "test_f1
 TTA_KEYS = ("tta", "tta_split", "tta_top1")  # in rows scored with --eval --tta only; then a column too
 TTA_COLUMN = ("TTA top-1", "tta_top1")
 Evaluator = Callable[[Path, str], Dict[str, Any]]
+EnsembleEvaluator = Callable[[Sequence[Path], str], Dict[str, Any]]
 
 
 # ------------------------------------------------------------------------------------------- rows
-def collect_rows(inputs: Optional[Iterable[str | os.PathLike]] = None, runs_dir: str | os.PathLike = "runs"
-                 ) -> List[Dict[str, Any]]:
-    """One row per run directory and per checkpoint (soups of a run directory included)."""
+def collect_rows(inputs: Optional[Iterable[str | os.PathLike]] = None, runs_dir: str | os.PathLike = "runs",
+                 ensemble: bool = False) -> List[Dict[str, Any]]:
+    """One row per run directory and per checkpoint (soups of a run directory included), and the
+    ensemble rows (see the module docstring; `ensemble`: also the ensemble of the checkpoints given)."""
+    rows = _collect_rows(inputs, runs_dir)
+    return with_ensemble_rows(rows, given=ensemble)
+
+
+def _collect_rows(inputs: Optional[Iterable[str | os.PathLike]] = None, runs_dir: str | os.PathLike = "runs"
+                  ) -> List[Dict[str, Any]]:
     inputs = list(inputs or []) or rundir.run_dirs(Path(runs_dir))
     rows = []
     for item in inputs:
         path = Path(item)
         if path.is_dir() and rundir.is_folder_of_runs(path):  # a sweep's or demo's folder: its runs
-            rows.extend(collect_rows([p for p in sorted(path.iterdir()) if p.is_dir() and rundir.is_run_dir(p)]))
+            rows.extend(_collect_rows([p for p in sorted(path.iterdir()) if p.is_dir() and rundir.is_run_dir(p)]))
             rows.extend(checkpoint_row(soup) for soup in sorted(path.glob("soup*.safetensors")))
         elif path.is_dir():
             rows.append(run_row(path))
@@ -160,6 +177,96 @@ def _recipe_fields(recipe: Any) -> Dict[str, Any]:
             "dataset": data.get("dataset"), "img_size": recipe.get("img_size")}
 
 
+# ------------------------------------------------------------------------------------- ensembles
+def with_ensemble_rows(rows: Sequence[Dict[str, Any]], given: bool = False) -> List[Dict[str, Any]]:
+    """`rows` with an `ensemble` row after each soup of k >= 2 fine-tunes (one per set of
+    ingredients) and, with `given`, one for the non-soup checkpoints of the rows."""
+    out: List[Dict[str, Any]] = []
+    seen = {_members_key(r.get("members") or []) for r in rows if r["kind"] == "ensemble"}
+    for row in rows:
+        out.append(row)
+        if row["kind"] != "soup":
+            continue
+        members, record = soup_members(Path(row["path"]))
+        if len(members) < 2 or _members_key(members) in seen:
+            continue
+        seen.add(_members_key(members))
+        out.append(ensemble_row(members, Path(row["path"]).parent, [row], record, out))
+    if given:
+        sources = [r for r in rows if r["kind"] in ("run", "checkpoint") and r.get("checkpoint")]
+        members = [Path(r["checkpoint"]) for r in sources]
+        if len(members) < 2:
+            raise FinetuneError(f"--ensemble: {len(members)} checkpoint among the inputs (runs' best checkpoints and "
+                                "checkpoint files, soups aside); an ensemble needs at least two")
+        if _members_key(members) not in seen:
+            home = Path(os.path.commonpath([str(m.resolve().parent) for m in members]))
+            out.append(ensemble_row(members, home, sources, None, out))
+    return out
+
+
+def soup_members(path: Path) -> Tuple[List[Path], Optional[Dict[str, Any]]]:
+    """The fine-tuned ingredients of a soup as its metadata lists them (the pretrained weights of
+    wise and stock aside), and its `ensemble` record if it has one; ([], None) for an unreadable soup."""
+    try:
+        soup = read_meta(path).get("soup") or {}
+    except FinetuneError:
+        return [], None
+    entries = [e for e in soup.get("ingredients") or [] if isinstance(e, dict) and e.get("role") != "pretrained"]
+    members = [Path(path).parent / str(e.get("path")) for e in entries if e.get("path")]
+    record = soup.get("ensemble")
+    return members, record if isinstance(record, dict) else None
+
+
+def _members_key(members: Iterable[Any]) -> Tuple[str, ...]:
+    return tuple(sorted(os.path.realpath(str(m)) for m in members))
+
+
+def _stored_key(members: Sequence[Path], home: Path) -> str:
+    return " + ".join(sorted(os.path.relpath(os.path.realpath(str(m)), os.path.realpath(str(home))) for m in members))
+
+
+def ensemble_row(members: Sequence[Path], home: Path, sources: Sequence[Dict[str, Any]],
+                 record: Optional[Dict[str, Any]], taken: Sequence[Dict[str, Any]] = ()) -> Dict[str, Any]:
+    """The row of the logit ensemble of `members`, scored from `record` (a soup's) or the
+    results.json of `home` (where `--eval` stores it)."""
+    k = len(members)
+    name = f"{home.name}/ensemble of {k}"
+    names = {r["name"] for r in taken}
+    if name in names:
+        name = next(f"{name} ({i})" for i in range(2, len(names) + 3) if f"{name} ({i})" not in names)
+    row = _empty_row(name, "ensemble", home)
+    short = [_short_name(os.path.relpath(os.path.realpath(str(m)), os.path.realpath(str(home)))) for m in members]
+    first = sources[0] if sources else {}
+    params = [r.get("params") for r in sources]
+    row.update(model=first.get("model"), recipe=first.get("recipe"), dataset=first.get("dataset"),
+               img_size=first.get("img_size"), ingredients=short, members=[str(m) for m in members],
+               status=f"logit ensemble of {k}",
+               params=(params[0] * k if len(sources) == 1 and params[0] else
+                       sum(params) if params and all(isinstance(p, int) for p in params) else None))
+    row["notes"] = [f"logit ensemble (mean of logits) of {', '.join(short)}: {k} forward passes an image"]
+    missing = [m for m in members if not Path(m).is_file()]
+    if missing:
+        row["status"] = "ingredient missing"
+        row["notes"].append(f"missing {missing[0]}")
+    stored = (rundir.read_results(home).get("ensembles") or {}).get(_stored_key(members, home)) or {}
+    record = record or {}
+    row["best_val_top1"] = _first_present(record.get("val_top1"), _top1(stored.get("val")))
+    row["test_top1"] = _first_present(record.get("test_top1"), _top1(stored.get("test")))
+    return row
+
+
+def store_ensemble_result(home: Path, members: Sequence[Path], split: str, result: Dict[str, Any]) -> Path:
+    """Merge an ensemble's score into `home`'s results.json, atomically."""
+    results_path = Path(home) / rundir.RESULTS
+    problems: List[str] = []
+    results = rundir.read_document(results_path, problems) if results_path.is_file() else {}
+    if problems:
+        raise FinetuneError(f"{results_path}: not a readable JSON object; fix or delete it before --eval")
+    entry = {k: result.get(k) for k in ("top1", "top5", "loss", "n", "forward_passes")}
+    results.setdefault("ensembles", {}).setdefault(_stored_key(members, home), {})[split] = entry
+    return rundir.write_json(results_path, results)
+
+
 # ---------------------------------------------------------------------------------------- reading
 def _safe_meta(path: Path, notes: List[str]) -> Dict[str, Any]:
     try:
@@ -206,6 +313,10 @@ def _tta_fields(results: Dict[str, Any]) -> Dict[str, Any]:
     return {}
 
 
+def _top1(result: Any) -> Optional[float]:
+    return result.get("top1") if isinstance(result, dict) else None
+
+
 def _first_present(*values: Any) -> Any:
     return next((v for v in values if v is not None), None)
 
@@ -226,13 +337,17 @@ def _run_status(status: Dict[str, Any], run_dir: Path, notes: List[str]) -> str:
 # ---------------------------------------------------------------------------------------- eval
 def evaluate_missing(rows: Sequence[Dict[str, Any]], split: str = "test",
                      evaluator: Optional[Evaluator] = None, device: Optional[str] = None,
-                     tta: Optional[str] = None) -> List[Dict[str, Any]]:
+                     tta: Optional[str] = None, ensemble_evaluator: Optional[EnsembleEvaluator] = None
+                     ) -> List[Dict[str, Any]]:
     """Score on `split` every row's checkpoint that has no score there yet; store it in results.json.
 
     `evaluator(checkpoint_path, split)` returns {"top1", "top5", "loss"}; by default
     `evaluation.evaluate_on_split` scores the checkpoint on its recipe's dataset, on `device`.
     With `tta` (a `calibration.TTA_MODES` name) the default is `calibration.evaluate_calibrated`,
     which adds `top1_tta`, and a row counts as missing until it has a score with that TTA there.
+    Ensemble rows are scored by `ensemble_evaluator(members, split)` (default
+    `ensemble.ensemble_on_split`, k forward passes over the split) into the results.json of their
+    folder; a caller's own `evaluator` without an `ensemble_evaluator` leaves them as they are.
     Returns what was done, row by row.
     """
     if split not in SPLITS:
@@ -242,6 +357,8 @@ def evaluate_missing(rows: Sequence[Dict[str, Any]], split: str = "test",
         tta_views(tta)  # an unknown mode fails before any evaluation runs
         evaluator = evaluator or (lambda checkpoint, on: evaluate_calibrated(checkpoint, split=on, device=device,
                                                                              store=False, tta=tta))
+    if ensemble_evaluator is None and evaluator is None:
+        ensemble_evaluator = lambda members, on: ensemble_on_split(members, split=on, device=device)  # noqa: E731
     evaluator = evaluator or (lambda checkpoint, on: evaluate_on_split(checkpoint, split=on, device=device,
                                                                        store=False))
     done = []
@@ -249,6 +366,9 @@ def evaluate_missing(rows: Sequence[Dict[str, Any]], split: str = "test",
         metric = "mAP" if row.get("task") == "multilabel" else "top1"
         score_key = f"test_{metric}" if split == "test" else f"best_val_{metric}"
         if row.get(score_key) is not None and (tta is None or (row.get("tta"), row.get("tta_split")) == (tta, split)):
+            continue
+        if row["kind"] == "ensemble":
+            done.extend(_evaluate_ensemble(row, split, ensemble_evaluator))
             continue
         if not row.get("checkpoint"):
             done.append({"name": row["name"], "skipped": "no checkpoint to evaluate"})
@@ -261,6 +381,19 @@ def evaluate_missing(rows: Sequence[Dict[str, Any]], split: str = "test",
                      **({"top1_tta": result.get("top1_tta")} if tta else {})})
     return done
 
+
+
+def _evaluate_ensemble(row: Dict[str, Any], split: str, ensemble_evaluator: Optional[EnsembleEvaluator]
+                       ) -> List[Dict[str, Any]]:
+    if ensemble_evaluator is None:
+        return []
+    members = [Path(m) for m in row.get("members") or []]
+    missing = [m for m in members if not m.is_file()]
+    if missing:
+        return [{"name": row["name"], "skipped": f"ingredient {missing[0]} is missing"}]
+    result = ensemble_evaluator(members, split)
+    store_ensemble_result(Path(row["path"]), members, split, result)
+    return [{"name": row["name"], "members": [str(m) for m in members], "split": split, "top1": result.get("top1")}]
 
 # ---------------------------------------------------------------------------------------- table
 def sort_key_of(column: Optional[str]) -> Optional[str]:
@@ -326,7 +459,7 @@ def _cell(row: Dict[str, Any], key: str) -> str:
     if key in ("best_val_top1", "best_val_mAP") and value is not None:
         return fraction(value) + (f" ({row['best_epoch']})" if row.get("best_epoch") is not None else "")
     if key == "notes":
-        parts = [] if row["kind"] == "soup" else [row.get("status") or ""]
+        parts = [] if row["kind"] in ("soup", "ensemble") else [row.get("status") or ""]
         return "; ".join(p for p in parts + list(row.get("notes") or []) if p) or "-"
     if value is None:
         return "-"

@@ -26,7 +26,33 @@ from headers alone (same tensors, shapes, architecture, classes) before any weig
   embeddings resampled as the fine-tune's were). The alpha scoring best is written (ties: the
   larger alpha). Alpha 1 is the fine-tune exactly, alpha 0 the pretrained backbone with its head.
 
-Selection and report use different splits. Greedy and wise *select* on `split` (val), and
+* stock (Model Stock: Jang, Yun and Han, "Model Stock: All we need is just a few fine-tuned
+  models", ECCV 2024): `inputs = [PRETRAINED_REF, CKPT, CKPT, ...]`, k >= 2 fine-tunes of those
+  pretrained weights (loaded at the fine-tunes' classes and resolution, as for wise). For every
+  tensor, with w0 the pretrained one and w1..wk the fine-tuned ones: cos = the mean pairwise cosine
+  of the flattened deltas wi - w0, t = k cos / (1 + (k - 1) cos), merged = t * mean(wi) + (1 - t) * w0.
+  Edge cases (see `merging.stock_ratio` / `mean_pairwise_cosine`): t is clamped to [0, 1] (cos <= 0
+  gives the pretrained tensor); a zero delta counts as cosine 0 in its pairs, and a tensor no
+  fine-tune moved is kept as it is (t recorded as None); tensors without a pretrained counterpart
+  (absent from the pretrained weights as stored, or shaped unlike there: the new head; the position
+  embedding, resampled, is not one) are the fine-tunes' mean; non-float tensors must agree and are
+  copied. k = 1 is refused. t per tensor and per block (parameter-weighted mean, min, max) go to
+  the metadata and the report. Streams one tensor at a time, plus the pretrained model in memory.
+  Like uniform, it chooses nothing, so it is scored when a recipe is known, not selected.
+* learned (Wortsman et al. 2022, appendix I; model-soups' `learned_bylayer.py`): mixing weights
+  softmax(raw) per ingredient (or per ingredient and block with `by_layer`) and a logit temperature,
+  learned by AdamW through `torch.func.functional_call` on the selection split, starting from the
+  uniform soup; after each epoch the soup is scored and kept only if strictly better, so it never
+  ends below the uniform soup there (`merging.LearnedMixture`). Needs every ingredient in memory at
+  once: about k * params * 4 bytes, plus three model-sized sets and a training step's activations
+  (`merging.learned_memory`); refused in one line when that exceeds the free memory of the device.
+
+Beside every soup of k >= 2 fine-tunes that we score ourselves (a known recipe), the metadata's
+`soup.ensemble` records the logit ensemble of the ingredients (`finetune.ensemble`: the mean of
+their logits, k forward passes per image) on the same splits, and the report prints it: the
+reference a soup, at the cost of one model, approaches.
+
+Selection and report use different splits. Greedy, wise and learned *select* on `split` (val), and
 selecting on test is refused unless `allow_test_selection`, since the score of a choice made on a
 split is optimistic there. When the data has a test split, the soup is then also scored on test:
 the metadata's `metrics` hold `val_top1` (selection) and `test_top1` (reported), as compare shows.
@@ -45,17 +71,18 @@ from typing import Any, Dict, Iterable, List, Optional, Sequence, Tuple
 import torch
 from safetensors import SafetensorError, safe_open
 
-from . import rundir, tasks
+from . import merging, rundir, tasks
 from .calibration import calibrate_soup
 from .checkpoints import StateDict, read_checkpoint, read_meta, refuse_to_overwrite, tensor_shapes, write_checkpoint
 from .errors import FinetuneError
-from .evaluation import (ScoreFn, build_splits, fraction, load_for_scoring, recipe_for, split_scorer,
-                         state_scorer)
-from .loading import data_config_of, load_model
+from .ensemble import ensemble_on_split
+from .evaluation import (ScoreFn, autocast, build_splits, choose_device, fraction, load_for_scoring, recipe_for,
+                         scoring_precision, split_loader, split_scorer, state_scorer)
+from .loading import data_config_of, load_model, load_pretrained
 from .rundir import SPLITS, best_checkpoints
 
-METHODS = ("uniform", "greedy", "wise")
-SELECTING = ("greedy", "wise")  # methods that choose on a split (the choice's score there is optimistic)
+METHODS = ("uniform", "greedy", "wise", "stock", "learned")
+SELECTING = ("greedy", "wise", "learned")  # methods that choose on a split (the choice's score there is optimistic)
 DEFAULT_ALPHAS = (0.0, 0.25, 0.5, 0.75, 1.0)
 HEAD_PREFIX = "head."
 DONE_STATES = ("finished", "stopped_early")
@@ -346,21 +373,23 @@ def wise_soup(pretrained: str, finetuned: Path, alphas: Sequence[float], score_f
     return state, info
 
 
-def pretrained_state(pretrained: str, finetuned: Path, meta: Dict[str, Any], tuned: StateDict) -> StateDict:
+def pretrained_state(pretrained: str, finetuned: Path, meta: Dict[str, Any], tuned: StateDict,
+                     method: str = "wise") -> StateDict:
     """The weights of `pretrained` brought to the fine-tune's shape: its classes (a new head, unused)
-    and resolution (position embeddings resampled as `load_model` did when the fine-tune began)."""
+    and resolution (position embeddings resampled as `load_model` did when the fine-tune began).
+    Only the keys and shapes of `tuned` are read; errors start with `method`."""
     model = load_model(str(pretrained), num_classes=int(meta["num_classes"]), img_size=int(meta["img_size"]))
     if model.finetune_info["arch"] != meta["arch"]:
         name, a, b = _first_difference("arch", model.finetune_info["arch"], meta["arch"])
-        raise FinetuneError(f"wise: {pretrained} is not the model {finetuned} was fine-tuned from: {name} differs "
+        raise FinetuneError(f"{method}: {pretrained} is not the model {finetuned} was fine-tuned from: {name} differs "
                             f"({_short(a)} vs {_short(b)})")
     state = {k: v.detach() for k, v in model.state_dict().items()}
     for key in sorted(set(state) ^ set(tuned)):
         where, other = (pretrained, finetuned) if key in state else (finetuned, pretrained)
-        raise FinetuneError(f"wise: tensor {key!r} is in {where} but not in {other}; they are not one architecture")
+        raise FinetuneError(f"{method}: tensor {key!r} is in {where} but not in {other}; they are not one architecture")
     for key, value in tuned.items():
         if value.shape != state[key].shape:
-            raise FinetuneError(f"wise: tensor {key!r} has shape {list(state[key].shape)} in {pretrained} and "
+            raise FinetuneError(f"{method}: tensor {key!r} has shape {list(state[key].shape)} in {pretrained} and "
                                 f"{list(value.shape)} in {finetuned}; they are not one architecture")
     return state
 
@@ -414,12 +443,266 @@ def parse_alphas(text: Optional[str]) -> Optional[List[float]]:
     return check_alphas(values)
 
 
+# ------------------------------------------------------------------------------------------ stock
+def stock_soup(pretrained: str, paths: Sequence[Path]) -> Tuple[StateDict, Dict[str, Any]]:
+    """Model Stock (Jang, Yun and Han, ECCV 2024) of the fine-tunes `paths` of `pretrained` (a model
+    ref, loaded at the fine-tunes' classes and resolution), one tensor at a time: for every tensor
+    t = k cos / (1 + (k - 1) cos) from the mean pairwise cosine of the deltas from the pretrained
+    tensor, merged = t * mean + (1 - t) * pretrained (`merging.stock_tensor`); tensors without a
+    pretrained counterpart (the new head) are the fine-tunes' mean. See the module docstring."""
+    paths = [Path(p) for p in paths]
+    if len(paths) < 2:
+        raise FinetuneError(f"stock: {len(paths)} fine-tune given; Model Stock needs at least two (its ratio comes "
+                            "from the angle between fine-tunes), e.g. finetune soup --method stock B_16 "
+                            "a.safetensors b.safetensors")
+    meta = _finetune_meta(paths[0])
+    shapes = tensor_shapes(paths[0])
+    stored = {key: tuple(value.shape) for key, value in load_pretrained(str(pretrained)).state_dict.items()}
+    skeleton = {key: torch.empty(shape, device="meta") for key, (shape, _) in shapes.items()}
+    start = pretrained_state(pretrained, paths[0], meta, skeleton, method="stock")
+    new = [key for key, (shape, dtype) in shapes.items() if dtype in FLOAT_DTYPES
+           and (key not in stored or (stored[key] != tuple(shape) and key != "pos_embed"))]
+    soup: StateDict = {}
+    ratios: Dict[str, Optional[float]] = {}
+    cosines: Dict[str, Optional[float]] = {}
+    sizes = {key: math.prod(shape) for key, (shape, _) in shapes.items()}
+    k = len(paths)
+    for key, (_, dtype) in shapes.items():
+        if dtype not in FLOAT_DTYPES:
+            soup[key] = _agreed_value(paths, key)
+        elif key in new:
+            soup[key] = _weighted_mean(paths, key, [1.0 / k] * k)
+        else:
+            tuned = [_tensor_from(p, key) for p in paths]
+            soup[key], cosines[key], ratios[key] = merging.stock_tensor(start[key], tuned)
+            del tuned
+    del start
+    moved = {key: t for key, t in ratios.items() if t is not None}
+    weight = sum(sizes[key] for key in moved)
+    t_mean = sum(t * sizes[key] for key, t in moved.items()) / weight if weight else 1.0
+    by_block = merging.summarise_by_block({key: ratios.get(key) for key in shapes if key in ratios or key in new},
+                                          sizes)
+    info = {"method": "stock", "ingredients": [str(p) for p in paths], "weights": [t_mean / k] * k,
+            "pretrained_weight": 1.0 - t_mean, "t_mean": t_mean, "t": ratios, "cos": cosines,
+            "t_by_block": by_block, "mean_of_finetunes": new}
+    return soup, info
+
+
+def _make_stock(inputs: List, out, recipe: Any, split: str, score_fn: Optional[ScoreFn], evaluate: Optional[bool],
+                device: Optional[str], force: bool, report_fn: Optional[ScoreFn], ensemble: Optional[bool]) -> Path:
+    if len(inputs) < 2:
+        raise FinetuneError("stock: give PRETRAINED_REF then at least two fine-tunes, e.g. finetune soup --method "
+                            "stock B_16 a.safetensors b.safetensors (or a sweep directory)")
+    pretrained = str(inputs[0])
+    skipped: List[Dict[str, str]] = []
+    paths = resolve_ingredients(inputs[1:], skipped)
+    if len(paths) < 2:
+        raise FinetuneError(f"stock: {paths[0]} is the only fine-tune; Model Stock needs at least two (its ratio comes "
+                            "from the angle between fine-tunes): give another checkpoint or run directory")
+    metas = validate_ingredients(paths)
+    out = _output_path(inputs[1:], paths, out, "stock")
+    if Path(pretrained).is_file() and out.resolve() == Path(pretrained).resolve():
+        raise FinetuneError(f"{out}: is the pretrained ingredient; write the soup to another file with -o")
+    out = refuse_to_overwrite(out, force)
+    own_scorer = False
+    if evaluate is False:
+        score_fn = None
+    elif score_fn is None and _wants_score("stock", recipe, metas[0], evaluate):
+        score_fn, own_scorer = state_scorer(paths[0], recipe, split, device), True
+    tensors, info = stock_soup(pretrained, paths)
+    score = _score(score_fn, tensors, out) if score_fn else None
+    del score_fn
+    reported = _report(tensors, split, score is not None, own_scorer, report_fn, paths[0], recipe, device)
+    meta = _soup_meta(metas, paths, out, info, split if score is not None else None, score, reported, skipped)
+    pretrained_name = _relative_to(Path(pretrained), out.parent) if Path(pretrained).is_file() else pretrained
+    meta["soup"].update(pretrained=pretrained_name, **{k: info[k] for k in (
+        "pretrained_weight", "t_mean", "t_by_block", "t", "cos", "mean_of_finetunes")})
+    if Path(pretrained).is_file():
+        meta["soup"]["pretrained_sha256"] = sha256_of(Path(pretrained))
+    _attach_ensemble(meta, paths, out, ensemble, own_scorer and score is not None, recipe, metas[0], reported, device)
+    return write_checkpoint(out, tensors, meta)
+
+
+# ---------------------------------------------------------------------------------------- learned
+LEARNED_EPOCHS = 5
+LEARNED_LR = 0.05
+
+
+def learned_soup(paths: Sequence[Path], model: torch.nn.Module, batches, score_fn: ScoreFn, by_layer: bool = False,
+                 epochs: int = LEARNED_EPOCHS, lr: float = LEARNED_LR, device: Optional[str] = None,
+                 precision_context=None) -> Tuple[StateDict, Dict[str, Any]]:
+    """The learned soup (Wortsman et al. 2022, appendix I; model-soups' `learned_bylayer.py`).
+
+    Mixing weights softmax(raw) per ingredient (per ingredient and block with `by_layer`) and a
+    logit temperature, initialised to the uniform soup and learned with AdamW over `batches` (an
+    iterable of (images, labels) of the selection split, or a function returning one per epoch) in
+    `model` (any ingredient's architecture, via `torch.func.functional_call`). The uniform soup is
+    scored first; after each epoch the soup is scored by `score_fn` and kept only if strictly
+    better, so its score is never below the uniform soup's. Returns (state, record)."""
+    paths = [Path(p) for p in paths]
+    if len(paths) < 2:
+        raise FinetuneError(f"learned: {len(paths)} ingredient given; learning mixing weights needs at least two")
+    if score_fn is None:
+        raise FinetuneError("learned: the soup is learned on a split and needs a score; give --recipe (or a recipe "
+                            "stored in the checkpoints)")
+    target = choose_device(device)
+    uniform, _ = uniform_soup(paths)
+    start = _score(score_fn, uniform, paths[0])
+    keys = list(tensor_shapes(paths[0]))
+    mixture = merging.LearnedMixture(keys, lambda key: _every_ingredients(paths, key), len(paths), target, by_layer)
+    model = model.to(target)
+    result = mixture.learn(model, batches if callable(batches) else (lambda: batches), score_fn, start,
+                           epochs=epochs, lr=lr, precision_context=precision_context)
+    weights = result["weights"]
+    state = uniform if result["epoch"] == 0 else mixture.state(weights)
+    del uniform
+    floats = {key: size for key, size in mixture.sizes.items() if mixture.dtypes[key].is_floating_point}
+    total = sum(floats.values())
+    per_ingredient = ([1.0 / len(paths)] * len(paths) if result["epoch"] == 0 else  # the uniform soup, exactly
+                      [sum(float(weights[mixture.group_of[key], i]) * size for key, size in floats.items()) / total
+                       for i in range(len(paths))])
+    info = {"method": "learned", "ingredients": [str(p) for p in paths], "weights": per_ingredient,
+            "by_layer": by_layer, "temperature": result["temperature"], "epoch": result["epoch"], "epochs": epochs,
+            "lr": lr, "uniform_score": start, "score": result["score"], "history": result["history"],
+            "mixed_tensors": len(mixture.stacks), "constant_tensors": len(mixture.constants)}
+    if by_layer:
+        info["weights_by_layer"] = {group: [float(w) for w in weights[g]] for g, group in enumerate(mixture.groups)}
+    del mixture
+    return state, info
+
+
+def _every_ingredients(paths: Sequence[Path], key: str) -> List[torch.Tensor]:
+    first = _tensor_from(paths[0], key)
+    if not _is_float(first.dtype):
+        return [_agreed_value(paths, key)] * len(paths)
+    return [first] + [_tensor_from(p, key) for p in paths[1:]]
+
+
+def _learned_from_recipe(paths: List[Path], score_fn: ScoreFn, recipe: Any, split: str, device: Optional[str],
+                         by_layer: bool, epochs: Optional[int], lr: Optional[float], batch_size: Optional[int]
+                         ) -> Tuple[StateDict, Dict[str, Any]]:
+    """learned_soup on `split` of the recipe's data, in the first ingredient's model, after checking
+    that every ingredient fits in the memory of the device at once."""
+    resolved = recipe_for(paths[0], recipe)
+    target = choose_device(device)
+    batch = batch_size or resolved.batch_size
+    shapes = tensor_shapes(paths[0])
+    params = sum(math.prod(shape) for shape, dtype in shapes.values() if dtype in FLOAT_DTYPES)
+    vessel = load_for_scoring(paths[0], device)
+    estimate = merging.learned_memory(
+        len(paths), params, batch, depth=len(vessel.blocks),
+        tokens=vessel.patch_embed.num_patches + getattr(vessel, "num_prefix_tokens", 1), width=vessel.embed_dim,
+        heads=vessel.blocks[0].attn.num_heads if len(vessel.blocks) else 1)
+    merging.check_fits(estimate, merging.available_bytes(target), target, len(paths), params, batch)
+    loader = split_loader(resolved, vessel, split, batch)
+    precision = scoring_precision(resolved, vessel, batch)
+    context = (lambda: autocast(target, "bf16")) if precision == "bf16" else None  # fp16 would need a grad scaler
+    state, info = learned_soup(paths, vessel, lambda: loader, score_fn, by_layer=by_layer,
+                               epochs=LEARNED_EPOCHS if epochs is None else epochs,
+                               lr=LEARNED_LR if lr is None else lr, device=device, precision_context=context)
+    info["memory_estimate"] = estimate
+    info["batch_size"] = batch
+    return state, info
+
+
+def _check_learned_options(method: str, by_layer: bool, epochs: Optional[int], lr: Optional[float],
+                           batch_size: Optional[int]) -> None:
+    if method != "learned":
+        for name, value in (("--by-layer", by_layer or None), ("--epochs", epochs), ("--lr", lr),
+                            ("--batch-size", batch_size)):
+            if value is not None:
+                raise FinetuneError(f"{name}: only the learned method takes it (--method learned CKPT CKPT ...)")
+        return
+    if epochs is not None and (isinstance(epochs, bool) or not isinstance(epochs, int) or epochs < 1):
+        raise FinetuneError(f"--epochs: {epochs!r} is not a positive integer; e.g. --epochs 5")
+    if lr is not None and (not isinstance(lr, (int, float)) or not math.isfinite(lr) or lr <= 0):
+        raise FinetuneError(f"--lr: {lr!r} is not a positive number; e.g. --lr 0.05")
+    if batch_size is not None and (isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1):
+        raise FinetuneError(f"--batch-size: {batch_size!r} is not a positive integer; e.g. --batch-size 32")
+
+
+_LEARNED_RECORD = ("by_layer", "temperature", "epoch", "epochs", "lr", "uniform_score", "history", "weights_by_layer",
+                   "memory_estimate", "batch_size", "mixed_tensors", "constant_tensors")
+
+
+# --------------------------------------------------------------------------------------- ensemble
+def _attach_ensemble(meta: Dict[str, Any], paths: Sequence[Path], out: Path, wanted: Optional[bool], scored_by_us: bool,
+                     recipe: Any, first_meta: Dict[str, Any], reported: Optional[float], device: Optional[str]) -> None:
+    """meta["soup"]["ensemble"]: the logit ensemble of the ingredients on the soup's splits, when
+    `wanted` (None: when we scored the soup ourselves from a known recipe)."""
+    if wanted is False or len(paths) < 2:
+        return
+    known = recipe is not None or bool(first_meta.get("recipe")) or (Path(paths[0]).parent / rundir.RECIPE).is_file()
+    if wanted is None and not (scored_by_us and known):
+        return
+    split = meta["soup"].get("split") or "val"
+    record: Dict[str, Any] = {"members": [_relative_to(Path(p), out.parent) for p in paths],
+                              "forward_passes": len(paths), "split": split}
+    for on in dict.fromkeys([split] + (["test"] if reported is not None else [])):
+        result = ensemble_on_split(paths, recipe, on, device)
+        record[f"{on}_top1"], record[f"{on}_loss"] = result["top1"], result["loss"]
+    meta["soup"]["ensemble"] = record
+
+
+def _ensemble_lines(soup: Dict[str, Any]) -> List[str]:
+    record = soup.get("ensemble")
+    if not record:
+        return []
+    scores = ", ".join(f"{on} top-1 {fraction(record.get(f'{on}_top1'))}" for on in ("val", "test")
+                       if record.get(f"{on}_top1") is not None)
+    return [f"ensemble of the {record['forward_passes']} ingredients (mean of logits, {record['forward_passes']} "
+            f"forward passes an image): {scores}"]
+
+
+def _describe_stock(path: Path, soup: Dict[str, Any]) -> List[str]:
+    width = max([40] + [len(entry["path"]) for entry in soup["ingredients"]])
+    lines = [f"wrote {path} (Model Stock of {len(soup['ingredients'])} fine-tunes of {soup['pretrained']})",
+             f"  {'ingredient':{width}} {'val_top1':>8}"]
+    lines += [f"  {entry['path']:{width}} {fraction(entry.get('val_top1')):>8}" for entry in soup["ingredients"]]
+    lines.append(f"  {'block':14} {'t':>6} {'min':>6} {'max':>6} {'tensors':>7}   "
+                 "(merged = t * mean + (1 - t) * pretrained)")
+    for block, entry in soup["t_by_block"].items():
+        start = f"  {block:14} {'-':>6} {'':>6} {'':>6} {entry['tensors']:>7}   "
+        if block_is_new(soup, block):
+            lines.append(start + "mean of the fine-tunes (no pretrained counterpart)")
+        elif entry["t"] is None:
+            lines.append(start + "unchanged by every fine-tune")
+        else:
+            lines.append(f"  {block:14} {entry['t']:>6.3f} {entry['min']:>6.3f} {entry['max']:>6.3f} "
+                         f"{entry['tensors']:>7}")
+    lines.append(f"t overall (parameter-weighted): {soup['t_mean']:.3f}")
+    return lines
+
+
+def block_is_new(soup: Dict[str, Any], block: str) -> bool:
+    new = {merging.block_of(key) for key in soup.get("mean_of_finetunes") or []}
+    return block in new and all(merging.block_of(key) != block for key in soup.get("t") or {})
+
+
+def _describe_learned(path: Path, soup: Dict[str, Any]) -> List[str]:
+    kind = "learned soup by layer" if soup.get("by_layer") else "learned soup"
+    width = max([40] + [len(entry["path"]) for entry in soup["ingredients"]])
+    lines = [f"wrote {path} ({kind} of {len(soup['ingredients'])} checkpoints)",
+             f"  {'ingredient':{width}} {'val_top1':>8} {'weight':>7}"]
+    lines += [f"  {entry['path']:{width}} {fraction(entry.get('val_top1')):>8} {weight:>7.3f}"
+              for entry, weight in zip(soup["ingredients"], soup["weights"])]
+    for step in soup.get("history") or []:
+        what = "uniform soup (start)" if step["epoch"] == 0 else f"loss {step['loss']:.4f}"
+        lines.append(f"  epoch {step['epoch']}: {what}, {soup['split']} top-1 {fraction(step['score'])}"
+                     + ("  <- written" if step["epoch"] == soup["epoch"] else ""))
+    lines.append(f"temperature {soup['temperature']:.3f}" + (" (weights per block in the metadata)"
+                                                           if soup.get("by_layer") else ""))
+    return lines
+
+
 # ------------------------------------------------------------------------------------------ soups
 def make_soup(inputs: Iterable[str | os.PathLike], out: Optional[str | os.PathLike] = None,
               method: str = "uniform", weights: Optional[Sequence[float]] = None, recipe: Any = None,
               split: str = "val", score_fn: Optional[ScoreFn] = None, evaluate: Optional[bool] = None,
               device: Optional[str] = None, force: bool = False, alphas: Optional[Sequence[float]] = None,
-              allow_test_selection: bool = False, report_fn: Optional[ScoreFn] = None) -> Path:
+              allow_test_selection: bool = False, report_fn: Optional[ScoreFn] = None, by_layer: bool = False,
+              epochs: Optional[int] = None, lr: Optional[float] = None, batch_size: Optional[int] = None,
+              ensemble: Optional[bool] = None) -> Path:
     """Soup the ingredients `inputs` into a checkpoint at `out`; return its path.
 
     Scoring uses `score_fn`, else `evaluation.state_scorer` with the first ingredient as the
@@ -429,13 +712,21 @@ def make_soup(inputs: Iterable[str | os.PathLike], out: Optional[str | os.PathLi
     error). With `split="val"` the soup is also scored on the test split when the data has one
     (`report_fn`, or by default the same recipe's test split), recorded as `test_top1`.
 
-    `method="wise"` takes `inputs = [PRETRAINED_REF, FINETUNED_CHECKPOINT_OR_RUN]` and `alphas`.
+    `method="wise"` takes `inputs = [PRETRAINED_REF, FINETUNED_CHECKPOINT_OR_RUN]` and `alphas`;
+    `method="stock"` takes `inputs = [PRETRAINED_REF, CKPT_OR_RUN, ...]` (k >= 2 fine-tunes);
+    `method="learned"` learns its weights on `split` of the recipe's data (`by_layer`, `epochs`,
+    `lr`, `batch_size`: default 5 epochs, lr 0.05, the recipe's batch). `ensemble` (None: when we
+    score the soup from a known recipe) records the logit ensemble of the ingredients beside it.
     """
     _check_options(method, weights, split, evaluate, alphas, allow_test_selection)
+    _check_learned_options(method, by_layer, epochs, lr, batch_size)
     inputs = list(inputs)
     if method == "wise":  # then, as below, a soup we scored on val gets its own temperature
         return calibrate_soup(_make_wise(inputs, out, recipe, split, score_fn, device, force, alphas, report_fn),
                               recipe, split, device, scored=score_fn is None)
+    if method == "stock":
+        return calibrate_soup(_make_stock(inputs, out, recipe, split, score_fn, evaluate, device, force, report_fn,
+                                          ensemble), recipe, split, device, scored=score_fn is None)
     skipped: List[Dict[str, str]] = []
     paths = resolve_ingredients(inputs, skipped)
     metas = validate_ingredients(paths)
@@ -448,6 +739,9 @@ def make_soup(inputs: Iterable[str | os.PathLike], out: Optional[str | os.PathLi
     if method == "greedy":
         tensors, info = greedy_soup(paths, score_fn)
         score = info["score"]
+    elif method == "learned":
+        tensors, info = _learned_from_recipe(paths, score_fn, recipe, split, device, by_layer, epochs, lr, batch_size)
+        score = info["score"]
     else:
         tensors, info = uniform_soup(paths, weights)
         score = _score(score_fn, tensors, out) if score_fn else None
@@ -455,6 +749,8 @@ def make_soup(inputs: Iterable[str | os.PathLike], out: Optional[str | os.PathLi
     del score_fn  # the selection model is no longer needed
     reported = _report(tensors, split, scored, own_scorer, report_fn, paths[0], recipe, device)
     meta = _soup_meta(metas, paths, out, info, split if scored else None, score, reported, skipped)
+    meta["soup"].update({k: info[k] for k in _LEARNED_RECORD if k in info})
+    _attach_ensemble(meta, paths, out, ensemble, own_scorer and scored, recipe, metas[0], reported, device)
     return calibrate_soup(write_checkpoint(out, tensors, meta), recipe, split, device, scored=scored and own_scorer)
 
 
@@ -608,7 +904,11 @@ def describe_soup(path: Path) -> List[str]:
     meta = read_meta(path)
     soup = meta["soup"]
     metrics = meta.get("metrics") or {}
-    if soup["method"] == "wise":
+    if soup["method"] == "stock":
+        lines = _describe_stock(path, soup)
+    elif soup["method"] == "learned":
+        lines = _describe_learned(path, soup)
+    elif soup["method"] == "wise":
         lines = [f"wrote {path} (WiSE-FT of {soup['pretrained']} and {soup['ingredients'][-1]['path']})",
                  f"  {'alpha':>6} {soup['split'] or 'score':>8}"]
         lines += [f"  {a:>6.3f} {fraction(s):>8}" + ("  <- written" if a == soup["alpha"] else "")
@@ -634,4 +934,4 @@ def describe_soup(path: Path) -> List[str]:
     reported = metrics.get(f"{soup['report_split']}_top1") if soup.get("report_split") else None
     if reported is not None:
         lines.append(f"soup {soup['report_split']} top-1: {fraction(reported)} (reported)")
-    return lines
+    return lines + _ensemble_lines(soup)

@@ -90,8 +90,8 @@ def test_rows_show_runs_and_soups_side_by_side(runs):
     rows = collect_rows(runs_dir=runs)
     assert [(r["name"], r["kind"]) for r in rows] == [
         ("tiny-20240101-120000", "run"), ("tiny-20240101-120000/soup.safetensors", "soup"),
-        ("tiny-20240102-090000", "run")]
-    run, soup, crashed = rows
+        ("tiny-20240101-120000/ensemble of 2", "ensemble"), ("tiny-20240102-090000", "run")]
+    run, soup, ensemble, crashed = rows
     assert run["model"].startswith("scratch:") and run["recipe"] == "tiny" and run["dataset"] == "imagefolder"
     assert run["img_size"] == 32 and run["epochs"] == 3 and run["status"] == "finished"
     assert (run["best_val_top1"], run["best_epoch"]) == (0.9441, 2) and run["test_top1"] == 0.91
@@ -99,6 +99,8 @@ def test_rows_show_runs_and_soups_side_by_side(runs):
     assert run["params"] == sum(p.numel() for p in small_model().parameters())
     assert soup["ingredients"] == ["epoch-002", "epoch-003"] and soup["best_val_top1"] == 0.95
     assert soup["recipe"] == "tiny" and soup["params"] == run["params"] and soup["img_size"] == 32
+    assert ensemble["ingredients"] == ["epoch-002", "epoch-003"] and ensemble["params"] == 2 * run["params"]
+    assert ensemble["best_val_top1"] is None and ensemble["test_top1"] is None  # scored by a caller's function
     assert crashed["status"] == "partial" and crashed["epochs"] == 2 and crashed["best_val_top1"] == 0.6
     assert "metrics.jsonl line 3 unreadable (truncated?)" in crashed["notes"] and "no best.json" in crashed["notes"]
     assert crashed["params"] is None and crashed["checkpoint"] is None
@@ -130,10 +132,11 @@ def test_markdown_table(runs):
     lines = table.splitlines()
     assert lines[0] == ("| run | kind | model | recipe | dataset | img | epochs | best val top-1 (epoch) | test top-1 "
                         "| params (M) | img/s | ingredients/notes |")
-    assert len(lines) == 5 and all(line.count("|") == 13 for line in lines)
-    run, soup, crashed = lines[2:]
+    assert len(lines) == 6 and all(line.count("|") == 13 for line in lines)
+    run, soup, ensemble, crashed = lines[2:]
     assert "| 0.9441 (2) | 0.9100 |" in run and "| 200.0 |" in run and "| finished |" in run
     assert "| soup |" in soup and "uniform soup of epoch-002, epoch-003" in soup and "| 0.9500 | - |" in soup
+    assert "| ensemble |" in ensemble and "logit ensemble (mean of logits) of epoch-002, epoch-003" in ensemble
     assert "partial; metrics.jsonl line 3 unreadable (truncated?); no best.json" in crashed
     assert "| 0.6000 (2) | - | - |" in crashed
 
@@ -141,7 +144,7 @@ def test_markdown_table(runs):
 def test_csv_and_json(runs):
     rows = collect_rows(runs_dir=runs)
     parsed = list(csv.DictReader(io.StringIO(format_table(rows, "csv"))))
-    assert [r["kind"] for r in parsed] == ["run", "soup", "run"]
+    assert [r["kind"] for r in parsed] == ["run", "soup", "ensemble", "run"]
     assert parsed[1]["ingredients"] == "epoch-002;epoch-003" and parsed[0]["best_val_top1"] == "0.9441"
     assert json.loads(format_table(rows, "json")) == json.loads(json.dumps(rows))
 
@@ -149,10 +152,10 @@ def test_csv_and_json(runs):
 def test_sort(runs):
     rows = collect_rows(runs_dir=runs)
     by_val = [r["kind"] for r in compare.sort_rows(rows, "best_val_top1")]
-    assert by_val == ["soup", "run", "run"]  # accuracies best first
+    assert by_val == ["soup", "run", "run", "ensemble"]  # accuracies best first, unscored last
     by_test = [r["name"] for r in compare.sort_rows(rows, "test")]
     assert by_test[0] == "tiny-20240101-120000" and by_test[-1] != by_test[0]  # missing values last
-    assert [r["kind"] for r in compare.sort_rows(rows, "kind")] == ["run", "run", "soup"]
+    assert [r["kind"] for r in compare.sort_rows(rows, "kind")] == ["ensemble", "run", "run", "soup"]
     assert format_table(rows, "markdown", sort="val").splitlines()[2].startswith("| tiny-20240101-120000/soup")
 
 
@@ -166,7 +169,7 @@ def test_unknown_sort_column_is_one_line_listing_columns(runs, capsys):
 def test_cli_formats(runs, capsys):
     code, out, err = run_cli(["--runs-dir", runs, "--format", "json", "--sort", "best_val_top1"], capsys)
     assert code == 0, err
-    assert [r["kind"] for r in json.loads(out)] == ["soup", "run", "run"]
+    assert [r["kind"] for r in json.loads(out)] == ["soup", "run", "run", "ensemble"]
     code, out, _ = run_cli([runs / "tiny-20240102-090000"], capsys)
     assert code == 0 and out.count("\n") == 3 and "partial" in out
 
@@ -210,14 +213,16 @@ def test_eval_refuses_to_overwrite_unreadable_results(runs):
 
 def test_cli_eval_reports_on_stderr_and_shows_the_new_score(runs, capsys, monkeypatch):
     monkeypatch.setattr(compare, "evaluate_on_split", lambda checkpoint, **kwargs: {"top1": 0.8125})
+    monkeypatch.setattr(compare, "ensemble_on_split", lambda members, **kwargs: {"top1": 0.875, "forward_passes": 2})
     code, out, err = run_cli(["--runs-dir", runs, "--eval", "--format", "csv"], capsys)
     assert code == 0, err
     assert "tiny-20240101-120000/soup.safetensors: test top-1 0.8125" in err
-    assert [r["test_top1"] for r in csv.DictReader(io.StringIO(out))] == ["0.91", "0.8125", ""]
+    assert "tiny-20240101-120000/ensemble of 2: test top-1 0.8750" in err
+    assert [r["test_top1"] for r in csv.DictReader(io.StringIO(out))] == ["0.91", "0.8125", "0.875", ""]
 
 
 def test_a_soup_score_recorded_under_the_split_belongs_to_the_soup_row(runs):
     run = runs / "tiny-20240101-120000"
     (run / "results.json").write_text(json.dumps({"test": {"top1": 0.97, "checkpoint": "soup.safetensors"}}))
-    run_row, soup_row = collect_rows([run])
+    run_row, soup_row, _ = collect_rows([run])
     assert run_row["test_top1"] is None and soup_row["test_top1"] == 0.97

@@ -379,7 +379,7 @@ def test_greedy_soup_of_real_finetunes_is_never_below_its_best_ingredient(tmp_pa
     (run / "metrics.jsonl").write_text("".join(json.dumps({"epoch": int(p[6:9]), "val_top1": scores[p]}) + "\n"
                                                for p in sorted(scores)))
     rows = collect_rows([run, *paths])
-    assert [r["kind"] for r in rows] == ["run", "soup", "checkpoint", "checkpoint", "checkpoint"]
+    assert [r["kind"] for r in rows] == ["run", "soup", "ensemble", "checkpoint", "checkpoint", "checkpoint"]
     assert rows[0]["best_val_top1"] == max(scores.values()) and rows[0]["epochs"] == 3
     assert rows[1]["best_val_top1"] == soup_score
     assert rows[1]["ingredients"] == ["epoch-001", "epoch-002", "epoch-003"]
