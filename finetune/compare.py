@@ -250,8 +250,11 @@ def ensemble_row(members: Sequence[Path], home: Path, sources: Sequence[Dict[str
         row["notes"].append(f"missing {missing[0]}")
     stored = (rundir.read_results(home).get("ensembles") or {}).get(_stored_key(members, home)) or {}
     record = record or {}
-    row["best_val_top1"] = _first_present(record.get("val_top1"), _top1(stored.get("val")))
-    row["test_top1"] = _first_present(record.get("test_top1"), _top1(stored.get("test")))
+    row["task"] = first.get("task") or "classification"
+    metric = "mAP" if row["task"] == "multilabel" else "top1"
+    scored = {on: stored.get(on) if isinstance(stored.get(on), dict) else {} for on in ("val", "test")}
+    row[f"best_val_{metric}"] = _first_present(record.get(f"val_{metric}"), scored["val"].get(metric))
+    row[f"test_{metric}"] = _first_present(record.get(f"test_{metric}"), scored["test"].get(metric))
     return row
 
 
@@ -262,7 +265,8 @@ def store_ensemble_result(home: Path, members: Sequence[Path], split: str, resul
     results = rundir.read_document(results_path, problems) if results_path.is_file() else {}
     if problems:
         raise FinetuneError(f"{results_path}: not a readable JSON object; fix or delete it before --eval")
-    entry = {k: result.get(k) for k in ("top1", "top5", "loss", "n", "forward_passes")}
+    keys = ("mAP", "f1_micro", "f1_macro", "threshold") if "mAP" in result else ("top1", "top5")
+    entry = {k: result.get(k) for k in keys + ("loss", "n", "forward_passes")}
     results.setdefault("ensembles", {}).setdefault(_stored_key(members, home), {})[split] = entry
     return rundir.write_json(results_path, results)
 

@@ -16,6 +16,8 @@ from typing import Any, Dict, Optional, Sequence, Tuple, Union
 import torch
 import torch.nn.functional as F
 
+from . import tasks
+from .checkpoints import read_meta
 from .errors import FinetuneError
 from .evaluation import (RecipeLike, autocast, eval_batch_size, load_for_scoring, recipe_for, scoring_precision,
                          split_loader)
@@ -63,6 +65,10 @@ def ensemble_on_split(checkpoints: Sequence[PathLike], recipe: RecipeLike = None
                                 "labels); ensemble members must be scored on the same data")
         total = total + logits
     mean = total / len(checkpoints)
+    meta = read_meta(checkpoints[0])
+    if tasks.of_meta(meta).name == "multilabel":  # mAP/F1 of the mean logits, at the first member's threshold
+        return {**tasks.multilabel_report(mean.float(), labels.float(), meta.get("threshold")),
+                "members": len(checkpoints), "forward_passes": len(checkpoints), "split": split}
     top5 = (float((mean.topk(5, dim=1).indices == labels[:, None]).any(1).double().mean())
             if mean.shape[1] >= 5 else None)
     return {"top1": float((mean.argmax(1) == labels).double().mean()), "top5": top5,

@@ -640,7 +640,8 @@ def _attach_ensemble(meta: Dict[str, Any], paths: Sequence[Path], out: Path, wan
                               "forward_passes": len(paths), "split": split}
     for on in dict.fromkeys([split] + (["test"] if reported is not None else [])):
         result = ensemble_on_split(paths, recipe, on, device)
-        record[f"{on}_top1"], record[f"{on}_loss"] = result["top1"], result["loss"]
+        metric = tasks.of_meta(first_meta).metric  # top1, or mAP for a multi-label soup
+        record[f"{on}_{metric}"], record[f"{on}_loss"] = tasks.ranking_value(result, metric), result["loss"]
     meta["soup"]["ensemble"] = record
 
 
