@@ -9,7 +9,7 @@ import torchvision.datasets as tvd
 from torch.utils.data import Subset
 
 from ..errors import FinetuneError
-from .images import IMAGE_EXTENSIONS, _warn_unreadable_once, load_image
+from .images import IMAGE_EXTENSIONS, load_transformed
 from .splits import DataSplits, _stratified_split
 
 IMAGEFOLDER_LAYOUT = "<root>/train/<class>/*.jpg and <root>/val/<class>/*.jpg, or <root>/<class>/*.jpg"
@@ -32,14 +32,8 @@ class ImageFolderSkippingUnreadable(tvd.ImageFolder):
 
     def __getitem__(self, index: int):
         path, target = self.samples[index]
-        try:
-            image = load_image(path)
-        except FinetuneError as e:
-            _warn_unreadable_once(e, path)
-            return None
-        if self.transform is not None:
-            image = self.transform(image)
-        return image, target
+        image = load_transformed(path, self.transform)
+        return None if image is None else (image, target)
 
 
 def _visible_image_under(root: str) -> Callable[[str], bool]:

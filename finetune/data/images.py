@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import warnings
+from typing import Callable, Optional
 
 import torchvision.datasets as tvd
 from PIL import Image
@@ -32,3 +33,14 @@ def _warn_unreadable_once(error: FinetuneError, path: str) -> None:
         _warned_unreadable.add(path)
         warnings.warn(f"skipping unreadable image: {error}", stacklevel=3)
 
+
+
+def load_transformed(path, transform: Optional[Callable]):
+    """`transform(load_image(path))`, or None (and one warning naming the file) when it cannot be decoded:
+    the unreadable-image rule every file-reading source shares."""
+    try:
+        image = load_image(path)
+    except FinetuneError as e:
+        _warn_unreadable_once(e, str(path))
+        return None
+    return transform(image) if transform is not None else image

@@ -56,7 +56,7 @@ import torch
 from torch.utils.data import Dataset
 
 from ..errors import FinetuneError
-from .images import _warn_unreadable_once, load_image
+from .images import load_transformed
 from .splits import DataSplits, _stratified_split, seeded_split
 
 DELIMITERS = {".csv": ",", ".tsv": "\t"}
@@ -91,14 +91,8 @@ class ManifestImages(Dataset):
 
     def __getitem__(self, index: int):
         path = self.paths[index]
-        try:
-            image = load_image(path)
-        except FinetuneError as e:
-            _warn_unreadable_once(e, path)
-            return None
-        if self.transform is not None:
-            image = self.transform(image)
-        return image, self.target(index)
+        image = load_transformed(path, self.transform)
+        return None if image is None else (image, self.target(index))
 
     def target(self, index: int):
         if self.multilabel:
