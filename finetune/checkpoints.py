@@ -12,6 +12,7 @@ whose value is JSON with everything needed to rebuild and use the model without 
     source        the ref the weights came from ("ppv:B_16_imagenet1k", a path, ...)
     epoch, metrics, recipe   training provenance (null outside training)
     temperature, calibration   optional: the fitted softmax temperature (`finetune calibrate`)
+    thresholds                 optional, multi-label: per-class thresholds fitted with the temperature
 
 Files from elsewhere (`.pth`, `.bin`) are read as data only, with `torch.load(weights_only=True)`.
 """
@@ -103,13 +104,14 @@ def _json_default(value: Any) -> Any:
 
 def model_meta(model: torch.nn.Module) -> Dict[str, Any]:
     """The metadata a model built by `finetune.load_model` carries (arch, classes, data config...),
-    less its `temperature`: that was fitted to the weights it came with, which a save may change."""
+    less its calibration (`temperature`, multi-label `thresholds`): that was fitted to the weights it
+    came with, which a save may change."""
     info = getattr(model, "finetune_info", None)
     if info is None:
         raise FinetuneError(
             f"{type(model).__name__} has no finetune metadata; build models with finetune.load_model "
             "so checkpoints know their architecture")
-    return {k: v for k, v in info.items() if k != "temperature"}
+    return {k: v for k, v in info.items() if k not in ("temperature", "thresholds")}
 
 
 def save_checkpoint(path: str | os.PathLike, model: torch.nn.Module, *, epoch: Optional[int] = None,
@@ -216,6 +218,9 @@ _MODEL_FIELDS = {
     "temperature": ("absent or a finite number > 0 (finetune calibrate writes it)",
                     lambda v: v is None or (isinstance(v, (int, float)) and not isinstance(v, bool)
                                             and math.isfinite(v) and v > 0)),
+    "thresholds": ("absent or a list of numbers in [0, 1], one per class (finetune calibrate writes it)",
+                   lambda v: v is None or (isinstance(v, list) and all(
+                       isinstance(t, (int, float)) and not isinstance(t, bool) and 0 <= t <= 1 for t in v))),
 }
 
 
@@ -224,6 +229,9 @@ def _check_model_fields(path, meta: Dict[str, Any]) -> None:
         if not accepts(meta.get(name)):
             raise FinetuneError(f"{path}: checkpoint metadata field {name!r} is {json.dumps(meta.get(name))[:80]}; "
                                 f"expected {allowed}")
+    if meta.get("thresholds") is not None and len(meta["thresholds"]) != meta["num_classes"]:
+        raise FinetuneError(f"{path}: checkpoint metadata lists {len(meta['thresholds'])} thresholds for num_classes "
+                            f"{meta['num_classes']}")
     names = meta.get("class_names")
     if names is not None and len(names) != meta["num_classes"]:
         raise FinetuneError(f"{path}: checkpoint metadata lists {len(names)} class_names for num_classes "

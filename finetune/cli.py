@@ -216,7 +216,8 @@ def eval_cmd(checkpoint: str, recipe: Optional[str], overrides: Sequence[str], s
              batch_size: Optional[int], as_json: bool, tta: Optional[str], device: Optional[str]) -> None:
     """Top-1, top-5, per-class accuracy, loss and confusion matrix of CHECKPOINT (or an .onnx export)
     on a split, and its calibration (ECE, NLL, Brier) with its temperature and without; a multi-label
-    checkpoint: mAP, F1 at its threshold and per-class AP."""
+    checkpoint: mAP, F1 at its threshold (per class once calibrated), per-class AP and the calibration
+    of its sigmoids."""
     from .calibration import evaluate_calibrated, report_lines
     from .evaluation import format_report
     from .export import evaluate_onnx_on_split, is_onnx
@@ -245,7 +246,8 @@ def eval_cmd(checkpoint: str, recipe: Optional[str], overrides: Sequence[str], s
 def calibrate_cmd(checkpoint: str, out: str, split: str, recipe: Optional[str], overrides: Sequence[str],
                   batch_size: Optional[int], force: bool, as_json: bool, device: Optional[str]) -> None:
     """Fit a softmax temperature on a split (temperature scaling, Guo et al. 2017) and write
-    CHECKPOINT with it to OUT; eval, predict and compare then use it."""
+    CHECKPOINT with it to OUT; eval, predict and compare then use it. A multi-label checkpoint gets
+    a temperature on its sigmoid and per-class thresholds (best F1 of each class on the split)."""
     from .calibration import calibrate_checkpoint, describe_calibration
     record = calibrate_checkpoint(checkpoint, out, split=split, recipe=recipe, overrides=overrides,
                                   batch_size=batch_size, device=device, force=force)
@@ -262,8 +264,8 @@ def calibrate_cmd(checkpoint: str, out: str, split: str, recipe: Optional[str], 
 def predict_cmd(checkpoint: str, images: Sequence[str], top_k: int, as_json: bool, tta: Optional[str],
                 device: Optional[str]) -> None:
     """Top-k class names and probabilities for each IMAGE, with the checkpoint's temperature
-    (multi-label: every label above the checkpoint's threshold, with its probability); CHECKPOINT
-    may be an .onnx export."""
+    (multi-label: every label above the checkpoint's threshold, or its per-class thresholds once
+    calibrated, with its probability); CHECKPOINT may be an .onnx export."""
     from .calibration import predict
     from .export import is_onnx, predict_onnx
     if is_onnx(checkpoint):
@@ -275,7 +277,9 @@ def predict_cmd(checkpoint: str, images: Sequence[str], top_k: int, as_json: boo
         return
     for item in results:
         ranked = "  ".join(f"{p['class']} {p['probability']:.3f}" for p in item.get("labels", item["top"]))
-        click.echo(f"{item['image']}: {ranked or '(no label above ' + format(item['threshold'], '.2f') + ')'}")
+        nothing = ("(no label above its per-class threshold)" if item.get("thresholds")
+                   else f"(no label above {item.get('threshold', 0.5):.2f})")
+        click.echo(f"{item['image']}: {ranked or nothing}")
 
 
 # ---------------------------------------------------------------------------------- soup, compare

@@ -109,6 +109,8 @@ def _train(recipe: Recipe, run_dir: Path, resuming: bool, progress: bool, rank: 
     model, splits = _model_and_data(recipe, run_dir, point)
     task = tasks.get(recipe.task)
     model.finetune_info["task"] = task.name  # scoring a checkpoint asks its metadata which task it is
+    for fitted in ("threshold", "thresholds", "temperature"):  # chosen afresh for the weights trained here
+        model.finetune_info.pop(fitted, None)
     model = methods.prepare(model, recipe)
     if point and "model" in point:
         model.load_state_dict(point["model"])  # adapters included

@@ -125,8 +125,9 @@ def evaluate(model, loader, *, device=None, precision: str = "fp32", threshold: 
              ) -> Dict[str, Any]:
     """The scores of the model's task on the loader's split (`finetune.tasks`): for classification
     loss, top-1, top-5 (None below 5 classes), per-class accuracy and confusion matrix; for
-    multi-label loss, mAP, F1 at `threshold` (default: the checkpoint's, else chosen on this split),
-    per-class AP and co-occurrence.
+    multi-label loss, mAP, F1 at `threshold` (default: the checkpoint's per-class thresholds on its
+    calibrated sigmoid, else its single threshold, else one chosen on this split), per-class AP and
+    co-occurrence.
 
     Under DDP each process evaluates its shard and the scores are combined, so every process
     returns the scores of the whole split.
@@ -144,9 +145,10 @@ def evaluate(model, loader, *, device=None, precision: str = "fp32", threshold: 
             images, labels = images.to(device, non_blocking=True), labels.to(device, non_blocking=True)
             scores.add(model(images).float(), labels)
     model.train(was_training)
-    if threshold is None:
-        threshold = (getattr(model, "finetune_info", None) or {}).get("threshold")
-    return scores.report(threshold)
+    calibration = tasks.calibration_of(model)
+    if threshold is not None:
+        calibration.update(threshold=threshold, thresholds=None)
+    return scores.report(**calibration)
 
 
 def load_for_scoring(checkpoint: Union[str, Path], device: Optional[str] = None):
@@ -215,7 +217,9 @@ def _format_multilabel_report(report: Dict[str, Any]) -> str:
     names = report["class_names"] or [str(i) for i in range(len(report["per_class_ap"]))]
     lines = [f"{report['checkpoint']} on {report['split']} ({report['n']} images, multi-label)",
              f"mAP {fraction(report['mAP'])}  F1 micro {fraction(report['f1_micro'])}  macro "
-             f"{fraction(report['f1_macro'])} at threshold {report['threshold']:.2f}  loss {report['loss']:.4f}",
+             f"{fraction(report['f1_macro'])} at "
+             + ("the per-class thresholds" if report.get("thresholds") else f"threshold {report['threshold']:.2f}")
+             + f"  loss {report['loss']:.4f}",
              "", "per-class average precision (positives):"]
     width = max(len(n) for n in names)
     lines += [f"  {name:{width}}  {fraction(ap)}  ({count})"
@@ -235,11 +239,11 @@ def predict(checkpoint: Union[str, Path], images: Sequence[str], top_k: int = 5,
             probabilities: Optional[Callable[[torch.nn.Module, torch.Tensor], torch.Tensor]] = None
             ) -> List[Dict[str, Any]]:
     """For each image path: its top-k classes with probabilities (scored `batch_size` at a time,
-    under the autocast of the checkpoint's recipe on this device). A multi-label checkpoint gives
-    every class whose sigmoid reaches its threshold (`labels`, most probable first) and, as `top`,
-    the top-k sigmoids whatever the threshold. `probabilities(model, batch)` replaces
-    softmax(model(batch)) of a classifier: `finetune.calibration.predict` applies the checkpoint's
-    temperature and TTA with it."""
+    under the autocast of the checkpoint's recipe on this device), with the checkpoint's temperature
+    (`finetune calibrate`) applied. A multi-label checkpoint gives every class whose sigmoid reaches
+    its threshold (`labels`, most probable first; per class when calibrated) and, as `top`, the
+    top-k sigmoids whatever the threshold. `probabilities(model, batch)` replaces the task's
+    probabilities of model(batch): `finetune.calibration.predict` averages TTA views with it."""
     if top_k < 1:
         raise FinetuneError(f"--top-k: {top_k} is not a positive integer; use e.g. --top-k 5")
     model = load_for_scoring(checkpoint, device)
@@ -250,26 +254,34 @@ def predict(checkpoint: Union[str, Path], images: Sequence[str], top_k: int = 5,
     stored = read_meta(checkpoint).get("recipe") or {}
     precision = speed.choose_precision(stored.get("precision", "auto"), target, model, batch_size, train=False)[0]
     task = tasks.of_model(model)
-    threshold = model.finetune_info.get("threshold", 0.5)
+    calibration = tasks.calibration_of(model)
     results = []
     for start in range(0, len(images), batch_size):
         paths = list(images[start:start + batch_size])
         batch = torch.stack([transform(data_lib.load_image(path)) for path in paths]).to(target)
         with autocast(target, precision):
-            if probabilities is not None and task.name == "classification":
+            if probabilities is not None:
                 scores = probabilities(model, batch).cpu()
             else:
-                scores = task.probabilities(model(batch)).cpu()
+                scores = task.probabilities(model(batch), calibration["temperature"]).cpu()
         for path, row in zip(paths, scores):
-            results.append({"image": str(path), **_predicted(row, names, top_k, task, threshold)})
+            results.append({"image": str(path), **predicted_classes(row, names, top_k, task, calibration)})
     return results
 
 
-def _predicted(probabilities: torch.Tensor, names: List[str], top_k: int, task, threshold: float):
+def predicted_classes(probabilities: torch.Tensor, names: List[str], top_k: int, task,
+                      calibration: Dict[str, Any]) -> Dict[str, Any]:
+    """One image's prediction: `top` (the top-k probabilities) and, multi-label, `labels` (every
+    class at or above its threshold) with `threshold` and, when calibrated, `thresholds`."""
     values, indices = probabilities.topk(min(top_k, len(names)))
     found = {"top": [{"class": names[i], "probability": round(v, 6)} for v, i in zip(values.tolist(), indices.tolist())]}
     if task.name == "multilabel":
-        above = [(v, i) for i, v in enumerate(probabilities.tolist()) if v >= threshold]
+        threshold = calibration.get("threshold")
+        threshold = 0.5 if threshold is None else threshold
+        cuts = calibration.get("thresholds") or [threshold] * len(names)
+        above = [(v, i) for i, v in enumerate(probabilities.tolist()) if v >= cuts[i]]
         found = {"labels": [{"class": names[i], "probability": round(v, 6)} for v, i in sorted(above, reverse=True)],
                  "threshold": threshold, **found}
+        if calibration.get("thresholds"):
+            found["thresholds"] = {name: cut for name, cut in zip(names, cuts)}
     return found

@@ -32,7 +32,7 @@ from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple, Union
 
 import torch
 
-from . import convert, hubs, rundir
+from . import convert, hubs, rundir, tasks
 from .checkpoints import read_meta, refuse_to_overwrite
 from .errors import FinetuneError
 from .loading import ZOO, data_config_of, load_model
@@ -350,7 +350,18 @@ def onnx_metadata(model: torch.nn.Module, meta: Dict[str, Any], source: Union[Pa
     provenance.update(format=ONNX_FORMAT, checkpoint=Path(str(source)).name, source=model.finetune_info.get("source"))
     return {"class_names": json.dumps(class_names_of(model)), "data_config": json.dumps(data_config_record(model)),
             "temperature": repr(temperature_of(model, meta)), "num_classes": str(model.num_classes),
-            "input_name": INPUT_NAME, "output_name": OUTPUT_NAME, "finetune": json.dumps(provenance, default=str)}
+            "input_name": INPUT_NAME, "output_name": OUTPUT_NAME, "finetune": json.dumps(provenance, default=str),
+            **task_metadata(model, meta)}
+
+
+def task_metadata(model: torch.nn.Module, meta: Dict[str, Any]) -> Dict[str, str]:
+    """The task's metadata_props: `task`, and multi-label its `threshold` and per-class `thresholds`
+    (what turns the exported logits into labels)."""
+    calibration = tasks.calibration_of({**model.finetune_info, **meta})
+    found = {"task": tasks.of_meta({**model.finetune_info, **meta}).name}
+    if found["task"] == "multilabel":
+        found.update(threshold=json.dumps(calibration["threshold"]), thresholds=json.dumps(calibration["thresholds"]))
+    return found
 
 
 def write_onnx(model: torch.nn.Module, path: Path, meta: Dict[str, Any], source: Any = "") -> Check:
@@ -480,7 +491,10 @@ def transformers_config(model: torch.nn.Module):
         num_channels=model.patch_embed.proj.in_channels, qkv_bias=model.blocks[0].attn.qkv.bias is not None,
         hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0, num_labels=model.num_classes,
         id2label={i: name for i, name in enumerate(names)}, label2id={name: i for i, name in enumerate(names)},
-        architectures=["ViTForImageClassification"])
+        architectures=["ViTForImageClassification"],
+        # transformers' own switch between softmax cross-entropy and BCE (its loss and pipelines).
+        problem_type="multi_label_classification" if tasks.of_model(model).name == "multilabel"
+        else "single_label_classification")
 
 
 def image_processor(model: torch.nn.Module):
@@ -654,11 +668,14 @@ def stored_scores(source: Union[Path, str], meta: Dict[str, Any], reason: str) -
     metrics = meta.get("metrics") or {}
     if metrics.get("val_top1") is not None:
         splits["val"] = {"top1": metrics["val_top1"], "top5": metrics.get("val_top5"), "loss": metrics.get("val_loss")}
+    if metrics.get("val_mAP") is not None:
+        splits["val"] = {"mAP": metrics["val_mAP"], "f1_micro": metrics.get("val_f1_micro"),
+                         "f1_macro": metrics.get("val_f1_macro"), "loss": metrics.get("val_loss")}
     if metrics.get("test_top1") is not None:
         splits["test"] = {"top1": metrics["test_top1"]}
     if isinstance(source, Path) and source.is_file():
         for split, entry in rundir.stored_results(source).items():
-            if isinstance(entry, dict) and entry.get("top1") is not None:
+            if isinstance(entry, dict) and (entry.get("top1") is not None or entry.get("mAP") is not None):
                 splits[split] = {**splits.get(split, {}), **entry}
     return {"splits": splits, "sizes": {}, "origin": "stored with the checkpoint", "note": reason}
 
@@ -674,8 +691,6 @@ def card_scores(source: Union[Path, str], model: torch.nn.Module, meta: Dict[str
         return stored_scores(source, meta, "no recipe stored with the checkpoint, so no data to score it on")
     try:
         recipe = evaluation.recipe_for(source)
-        if recipe.task != "classification":
-            return stored_scores(source, meta, f"task {recipe.task}: scored by finetune eval")
         config = data_config_of(model)
         splits = evaluation.build_splits(recipe, config["input_size"][-1], config, augment="none")
         if list(splits.class_names) != class_names_of(model):
@@ -777,17 +792,23 @@ def _results_lines(scores: Dict[str, Any], names: List[str]) -> List[str]:
     splits = scores["splits"]
     if not splits:
         return [f"No scores: {scores['note'] or 'none stored with the checkpoint'}."]
-    lines = [f"Scores {scores['origin']}" + (f" ({scores['note']})" if scores["note"] else "") + ".", "",
-             "| split | images | top-1 | top-5 | loss |", "| --- | ---: | ---: | ---: | ---: |"]
+    lines = [f"Scores {scores['origin']}" + (f" ({scores['note']})" if scores["note"] else "") + ".", ""]
+    multilabel = any("mAP" in report for report in splits.values())
+    columns, per_class, title = ((("mAP", "mAP"), ("F1 micro", "f1_micro"), ("F1 macro", "f1_macro")), "per_class_ap",
+                                 "Per-class average precision:") if multilabel else \
+        ((("top-1", "top1"), ("top-5", "top5")), "per_class", "Per-class accuracy (recall):")
+    columns += (("loss", "loss"),)
+    lines += ["| split | images | " + " | ".join(name for name, _ in columns) + " |",
+              "| --- | ---: |" + " ---: |" * len(columns)]
     for split, report in splits.items():
-        lines.append(f"| {split} | {report.get('n', '-')} | {_fraction(report.get('top1'))} | "
-                     f"{_fraction(report.get('top5'))} | {_fraction(report.get('loss'))} |")
-    with_classes = [s for s, r in splits.items() if r.get("per_class")]
+        lines.append(f"| {split} | {report.get('n', '-')} | "
+                     + " | ".join(_fraction(report.get(key)) for _, key in columns) + " |")
+    with_classes = [s for s, r in splits.items() if r.get(per_class)]
     if with_classes:
-        lines += ["", "Per-class accuracy (recall):", "",
+        lines += ["", title, "",
                   "| class | " + " | ".join(with_classes) + " |", "| --- |" + " ---: |" * len(with_classes)]
         for i, name in enumerate(names):
-            lines.append(f"| {name} | " + " | ".join(_fraction(splits[s]["per_class"][i]) for s in with_classes) + " |")
+            lines.append(f"| {name} | " + " | ".join(_fraction(splits[s][per_class][i]) for s in with_classes) + " |")
     return lines
 
 
@@ -807,9 +828,41 @@ def _soup_lines(soup: Dict[str, Any]) -> List[str]:
     return lines
 
 
-def load_snippet(to: str, out: Path, repo_id: Optional[str], temperature: float) -> str:
-    """How to load and run the export with its library alone (the card's usage section)."""
-    scaled = "logits / temperature" if temperature != 1.0 else "logits"
+def _label_rule(calibration: Dict[str, Any], names: List[str]) -> str:
+    """Multi-label: which threshold makes a label, in words."""
+    if calibration.get("thresholds") is not None:
+        return ("Multi-label: a class is predicted when its calibrated sigmoid reaches its own threshold (chosen on "
+                "val for the best F1 of that class): " + ", ".join(f"{n} {t:.2f}" for n, t in
+                                                                 zip(names, calibration["thresholds"])) + ".")
+    threshold = calibration.get("threshold")
+    return (f"Multi-label: a class is predicted when its sigmoid reaches {0.5 if threshold is None else threshold:.2f} "
+            "(chosen on val for the best micro F1).")
+
+
+def load_snippet(to: str, out: Path, repo_id: Optional[str], temperature: float,
+                 multilabel: Optional[Dict[str, Any]] = None) -> str:
+    """How to load and run the export with its library alone (the card's usage section);
+    `multilabel`: the checkpoint's `tasks.calibration_of`, for the sigmoid and its thresholds."""
+    names = {"onnx": "names", "transformers": "model.config.id2label", "timm": 'model.pretrained_cfg["label_names"]'}[to]
+    scaled = "logits / temperature" if temperature != 1.0 and to != "onnx" else "logits"  # onnx: divided above
+    scaled = scaled.replace("temperature", repr(temperature))
+    if multilabel is None:
+        index = "int(logits.argmax())" if to == "onnx" else "int(logits.argmax(-1))"
+        readout = f"print({names}[{index}])"
+        if to != "onnx":
+            readout = f"probabilities = ({scaled}).softmax(-1)\n" + readout
+    else:
+        threshold = 0.5 if multilabel.get("threshold") is None else multilabel["threshold"]
+        cuts = ([round(t, 4) for t in multilabel["thresholds"]] if multilabel.get("thresholds")
+                else [threshold] * len(multilabel.get("names") or []) or threshold)
+        sigmoid = "1 / (1 + np.exp(-logits[0]))" if to == "onnx" else f"({scaled})[0].sigmoid()"
+        readout = (f"probabilities = {sigmoid}  # multi-label: a sigmoid per class\n"
+                   f"thresholds = {cuts!r}  # per class\n"
+                   f"print([{names}[i] for i, p in enumerate(probabilities.tolist()) if p >= thresholds[i]])")
+    return _snippet(to, out, repo_id, readout)
+
+
+def _snippet(to: str, out: Path, repo_id: Optional[str], readout: str) -> str:
     if to == "onnx":
         return f'''```python
 import json
@@ -837,7 +890,7 @@ def preprocess(path):  # the data config's eval transform (timm's), in PIL and n
     return x.transpose(2, 0, 1)[None].astype(np.float32)
 
 logits = session.run(["{OUTPUT_NAME}"], {{"{INPUT_NAME}": preprocess("photo.jpg")}})[0] / temperature
-print(names[int(logits.argmax())])
+{readout}
 ```
 
 Or with finetune itself (`pip install 'finetune[onnx]'`): `finetune predict {out.name} photo.jpg`,
@@ -854,8 +907,7 @@ model = AutoModelForImageClassification.from_pretrained("{where}").eval()
 inputs = processor(images=Image.open("photo.jpg").convert("RGB"), return_tensors="pt")
 with torch.no_grad():
     logits = model(**inputs).logits
-probabilities = ({scaled.replace("temperature", repr(temperature))}).softmax(-1)
-print(model.config.id2label[int(logits.argmax(-1))])
+{readout}
 ```'''
     where = f"hf-hub:{repo_id}" if repo_id else "hf-hub:ORG/NAME"
     return f'''```python
@@ -867,8 +919,7 @@ model = timm.create_model("{where}", pretrained=True).eval()  # or "local-dir:{o
 transform = timm.data.create_transform(**timm.data.resolve_data_config({{}}, model=model))
 with torch.no_grad():
     logits = model(transform(Image.open("photo.jpg").convert("RGB"))[None])
-probabilities = ({scaled.replace("temperature", repr(temperature))}).softmax(-1)
-print(model.pretrained_cfg["label_names"][int(logits.argmax(-1))])
+{readout}
 ```'''
 
 
@@ -927,13 +978,18 @@ def model_card(to: str, out: Path, source: Union[Path, str], model: torch.nn.Mod
     lines += ["", "## Preprocessing", "", _preprocessing_text(config) + ".", "", "## Results", ""]
     lines += _results_lines(scores, names)
     lines += ["", "## Calibration", ""]
+    calibration = tasks.calibration_of({**info, **meta})
+    multilabel = tasks.of_meta({**info, **meta}).name == "multilabel"
+    squash = "sigmoid" if multilabel else "softmax"
     if meta.get("temperature") is not None or info.get("temperature") is not None:
         lines.append(f"Temperature {temperature:.4g} (`finetune calibrate`): divide the logits by it before the "
-                     "softmax for calibrated probabilities; the exported logits are the raw ones.")
+                     f"{squash} for calibrated probabilities; the exported logits are the raw ones.")
     else:
-        lines.append("Not calibrated (temperature 1.0): probabilities are the softmax of the raw logits.")
+        lines.append(f"Not calibrated (temperature 1.0): probabilities are the {squash} of the raw logits.")
+    if multilabel:
+        lines += ["", _label_rule(calibration, names)]
     lines += ["", "## Export check", "", f"{check.line()}.", "", f"## Load it with {LIBRARIES[to]}", "",
-              load_snippet(to, out, repo_id, temperature), ""]
+              load_snippet(to, out, repo_id, temperature, {**calibration, "names": names} if multilabel else None), ""]
     return "\n".join(lines)
 
 
@@ -976,11 +1032,22 @@ class OnnxClassifier(torch.nn.Module):
         self.pretrained_cfg = dict(config)
         self.finetune_info = {"class_names": names, "data_config": config, "num_classes": len(names),
                               "img_size": config["input_size"][-1], "temperature": self.temperature,
-                              "source": self.provenance.get("source")}
+                              "source": self.provenance.get("source"), **_task_info(path, props)}
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         batch = images.detach().to("cpu", torch.float32).contiguous().numpy()
         return torch.from_numpy(self.session.run([self.output_name], {self.input_name: batch})[0])
+
+
+def _task_info(path: Path, props: Dict[str, str]) -> Dict[str, Any]:
+    """`task_metadata` read back (exports from before it: classification)."""
+    name = props.get("task", "classification")
+    if name not in tasks.TASK_NAMES:
+        raise FinetuneError(f"{path}: metadata task {name!r} is not one of {', '.join(tasks.TASK_NAMES)}")
+    try:
+        return {"task": name, **{k: json.loads(props[k]) for k in ("threshold", "thresholds") if k in props}}
+    except ValueError as e:
+        raise FinetuneError(f"{path}: unreadable threshold metadata in the ONNX file ({e})") from e
 
 
 def onnx_recipe(path: Union[str, Path], model: OnnxClassifier, recipe=None, overrides: Sequence[str] = ()):
@@ -1013,22 +1080,23 @@ def evaluate_onnx_on_split(checkpoint: Union[str, Path], recipe=None, overrides:
 @torch.inference_mode()
 def predict_onnx(checkpoint: Union[str, Path], images: Sequence[str], top_k: int = 5, device: Optional[str] = None,
                  batch_size: int = 32) -> List[Dict[str, Any]]:
-    """`finetune predict` of an .onnx export: top-k classes with probabilities, softmax(logits / temperature)."""
+    """`finetune predict` of an .onnx export, as of its checkpoint: top-k classes with probabilities,
+    softmax(logits / temperature) (multi-label: the sigmoids, and the labels above the thresholds)."""
     from . import data as data_lib
+    from .evaluation import predicted_classes
     if top_k < 1:
         raise FinetuneError(f"--top-k: {top_k} is not a positive integer; use e.g. --top-k 5")
     model = OnnxClassifier(checkpoint, device)
     transform = eval_transform(model)
     names = model.finetune_info["class_names"]
+    task, calibration = tasks.of_model(model), tasks.calibration_of(model)
     results = []
     for start in range(0, len(images), batch_size):
         paths = list(images[start:start + batch_size])
         batch = torch.stack([transform(data_lib.load_image(path)) for path in paths])
-        probabilities = (model(batch).float() / model.temperature).softmax(-1)
+        probabilities = task.probabilities(model(batch), model.temperature)
         for path, row in zip(paths, probabilities):
-            values, indices = row.topk(min(top_k, len(names)))
-            results.append({"image": str(path), "top": [{"class": names[i], "probability": round(v, 6)}
-                                                        for v, i in zip(values.tolist(), indices.tolist())]})
+            results.append({"image": str(path), **predicted_classes(row, names, top_k, task, calibration)})
     return results
 
 

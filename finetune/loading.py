@@ -251,6 +251,7 @@ def _check_fit(model: VisionTransformer, state: StateDict, source: str, replace_
 # What a checkpoint's model keeps of its metadata beyond the architecture: where its weights came
 # from, and for the task (`finetune.tasks`) its name and multi-label threshold.
 CARRIED_META = ("lineage", "task", "threshold")
+CALIBRATION_META = ("temperature", "thresholds")
 
 
 def _attach_info(model: VisionTransformer, p: Pretrained, num_classes: int, img_size: int,
@@ -267,9 +268,10 @@ def _attach_info(model: VisionTransformer, p: Pretrained, num_classes: int, img_
         "arch": _arch_for_build(p.arch), "num_classes": num_classes, "img_size": img_size,
         "class_names": list(class_names) if class_names else None, "data_config": data_config,
         "source": p.source, **{k: v for k, v in p.extra.items() if k in CARRIED_META},
-        # A temperature is fitted to this head at this resolution (finetune.calibration).
-        **({"temperature": p.extra["temperature"]} if p.extra.get("temperature") is not None
-           and (num_classes, img_size) == (p.num_classes, p.img_size) else {}),
+        # A temperature (and multi-label per-class thresholds) is fitted to this head at this
+        # resolution (finetune.calibration).
+        **({k: p.extra[k] for k in CALIBRATION_META if p.extra.get(k) is not None}
+           if (num_classes, img_size) == (p.num_classes, p.img_size) else {}),
     }
 
 

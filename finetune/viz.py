@@ -606,7 +606,8 @@ def write_reliability_figure(run_or_ckpt, out, split: str = "val", recipe: Optio
                              device: Optional[str] = None) -> Path:
     """Reliability diagram (Guo et al. 2017, fig. 1) on a split: per 15-bin of top-1 confidence, the
     accuracy against the diagonal, and the share of images above it; at T = 1 and, for a calibrated
-    checkpoint, beside it at its temperature. The ECE is in each panel's title."""
+    checkpoint, beside it at its temperature. The ECE is in each panel's title. Multi-label: the bins
+    are of every (image, class) sigmoid and the bars the share of those whose class is present."""
     from .calibration import reliability_panels
     checkpoint = resolve_checkpoint(run_or_ckpt)
     panels, images = reliability_panels(checkpoint, split, recipe, device)
@@ -638,7 +639,8 @@ def _draw_reliability(panels: List[Tuple[str, Dict[str, Any]]], title: str, out)
                  align="edge", color="tab:red", alpha=0.3, edgecolor="tab:red", hatch="//",
                  label="gap to mean confidence")
         axis.plot([0, 1], [0, 1], linestyle="--", color="0.3", linewidth=1, label="perfect calibration")
-        axis.set(xlim=(0, 1), ylim=(0, 1), xlabel="top-1 confidence", ylabel="accuracy")
+        axis.set(xlim=(0, 1), ylim=(0, 1), xlabel=bins.get("of", "top-1 confidence"),
+                 ylabel=bins.get("accuracy_of", "accuracy"))
         axis.legend(loc="upper left", fontsize=8)
     fig.suptitle(title, fontsize=10)
     fig.tight_layout()

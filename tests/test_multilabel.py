@@ -1,5 +1,6 @@
 """The multi-label task (issue 16): its loss, metrics and threshold, and the engine, evaluation,
-predict, soups, compare and viz asking the task instead of assuming argmax top-1."""
+predict, soups, compare and viz asking the task instead of assuming argmax top-1; and its
+calibration (issue 17): a temperature on the sigmoid, per-class thresholds, TTA, ONNX."""
 from __future__ import annotations
 
 import json
@@ -10,7 +11,7 @@ import pytest
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-from finetune import engine, tasks
+from finetune import calibration, engine, tasks
 from finetune.checkpoints import read_meta
 from finetune.cli import main
 from finetune.evaluation import evaluate, predict
@@ -111,6 +112,95 @@ def test_a_classification_checkpoint_without_a_task_field_is_scored_as_before():
     loader = DataLoader([(torch.randn(3, 16, 16), i % 3) for i in range(6)], batch_size=4)
     report = evaluate(model.eval(), loader)
     assert {"top1", "top5", "confusion", "per_class"} <= report.keys() and "mAP" not in report
+
+
+# ----------------------------------------------------------------- calibration (unit, independent)
+def random_multilabel(seed: int, n: int = 400, classes: int = 4, scale: float = 3.0):
+    """Logits that are informative but over-confident (scaled), and multi-hot truth drawn from them."""
+    generator = torch.Generator().manual_seed(seed)
+    signal = torch.randn(n, classes, generator=generator)
+    truth = (torch.rand(n, classes, generator=generator) < signal.sigmoid()).float()
+    return signal * scale, truth
+
+
+@pytest.mark.parametrize("seed, scale", [(0, 3.0), (1, 0.4), (2, 8.0)])
+def test_the_sigmoid_temperature_minimises_the_binary_nll_and_never_raises_it(seed, scale):
+    logits, truth = random_multilabel(seed, scale=scale)
+
+    def bce(t: float) -> float:  # written out, not our nll()
+        p = torch.sigmoid(logits.double() / t).clamp(1e-15, 1 - 1e-15)
+        return float(-(truth * p.log() + (1 - truth) * (1 - p).log()).mean())
+    record = calibration.fit(logits, truth, "val")
+    t = record["temperature"]
+    assert record["nll"] == pytest.approx(bce(t), abs=1e-9) and record["nll_uncalibrated"] == pytest.approx(bce(1.0))
+    assert record["nll"] <= record["nll_uncalibrated"]
+    grid = np.exp(np.linspace(np.log(0.05), np.log(20), 2001))
+    assert bce(t) <= min(bce(g) for g in grid) + 1e-9  # the global minimum on the interval
+    assert (t > 1) == (scale > 1)  # over-confident logits are cooled, under-confident ones sharpened
+
+
+def test_multilabel_ece_and_brier_agree_with_independent_computations():
+    from sklearn.metrics import brier_score_loss
+    logits, truth = random_multilabel(3)
+    p, y = logits.double().sigmoid().numpy().ravel(), truth.double().numpy().ravel()
+    ece = sum(((p > m / 15) & (p <= (m + 1) / 15)).mean() * abs(y[(p > m / 15) & (p <= (m + 1) / 15)].mean()
+                                                                 - p[(p > m / 15) & (p <= (m + 1) / 15)].mean())
+              for m in range(15) if ((p > m / 15) & (p <= (m + 1) / 15)).any())
+    scores = calibration.calibration_scores(logits, truth)
+    assert scores["ece"] == pytest.approx(ece, abs=1e-12)
+    assert scores["brier"] == pytest.approx(brier_score_loss(y, p), abs=1e-12)
+    bins = calibration.reliability_bins(logits.sigmoid(), truth)
+    assert sum(bins["counts"]) == truth.numel() and bins["of"].startswith("sigmoid")
+
+
+def test_per_class_thresholds_are_each_class_s_best_f1_by_scikit_learn():
+    from sklearn.metrics import f1_score
+    logits, truth = random_multilabel(4, n=120, classes=5)
+    truth[:, 4] = 0  # a class with no positive in the split keeps the single threshold
+    probabilities, y = logits.sigmoid().numpy(), truth.numpy().astype(int)
+    chosen = tasks.per_class_thresholds(y, probabilities, fallback=0.35)
+    assert len(chosen) == 5 and chosen[4] == 0.35
+    for c in range(4):
+        f1 = {t: f1_score(y[:, c], probabilities[:, c] >= t, zero_division=0) for t in tasks.THRESHOLDS}
+        best = max(f1.values())
+        assert f1[chosen[c]] == pytest.approx(best, abs=1e-12)
+        ties = [t for t, v in f1.items() if abs(v - best) < 1e-12]
+        assert abs(chosen[c] - 0.35) == pytest.approx(min(abs(t - 0.35) for t in ties))
+    # evaluate's F1 at per-class thresholds is scikit-learn's on the calibrated sigmoid cut class by class
+    report = tasks.multilabel_report(logits, truth, 0.5, chosen, temperature=2.0)
+    cut = (torch.sigmoid(logits / 2.0).numpy() >= np.asarray(chosen)).astype(int)
+    assert report["f1_micro"] == pytest.approx(f1_score(y, cut, average="micro", zero_division=0))
+    assert report["thresholds"] == chosen and report["threshold"] == 0.5
+
+
+def test_flip_tta_of_a_multilabel_model_is_the_mean_of_the_two_passes_sigmoids():
+    model = tiny_multilabel_model().eval()
+    x = torch.randn(4, 3, 16, 16)
+    with torch.no_grad():
+        expected = ((model(x) / 1.5).sigmoid() + (model(x.flip(-1)) / 1.5).sigmoid()) / 2
+        averaged = calibration.tta_probabilities(model, x, 1.5, calibration.tta_views("flip"))
+    torch.testing.assert_close(averaged, expected, rtol=0, atol=1e-7)
+
+
+def test_training_from_a_calibrated_multilabel_checkpoint_chooses_its_threshold_afresh(tmp_path):
+    from finetune.loading import model_from_pretrained, load_pretrained
+    from finetune.checkpoints import read_checkpoint, write_checkpoint, save_checkpoint
+    model = tiny_multilabel_model()
+    path = tmp_path / "calibrated.safetensors"
+    save_checkpoint(path, model)
+    tensors, meta = read_checkpoint(path)
+    write_checkpoint(path, tensors, {**meta, "threshold": 0.9, "thresholds": [0.1, 0.2, 0.3], "temperature": 2.0})
+    loaded = load_model(str(path))
+    assert loaded.finetune_info["thresholds"] == [0.1, 0.2, 0.3] and loaded.finetune_info["temperature"] == 2.0
+    again = tmp_path / "saved-again.safetensors"
+    save_checkpoint(again, loaded)  # new weights may follow: the fitted calibration does not travel
+    assert "thresholds" not in read_meta(again) and "temperature" not in read_meta(again)
+    rebuilt = model_from_pretrained(load_pretrained(str(path)), 4, 16, ["a", "b", "c", "d"])
+    assert "thresholds" not in rebuilt.finetune_info  # another head: nothing fitted to it
+    bad = tmp_path / "bad.safetensors"
+    write_checkpoint(bad, tensors, {**meta, "thresholds": [0.1, 0.2]})
+    with pytest.raises(Exception, match="2 thresholds for num_classes 3"):
+        load_model(str(bad))
 
 
 # ------------------------------------------------------------------ real photos, every command
@@ -226,6 +316,61 @@ def check_every_command(result, manifest: Path, capsys, tmp_path: Path, learned:
     picture = tmp_path / "confusion.png"
     cli(["viz", "confusion", str(run), "-o", str(picture)], capsys)
     assert picture.stat().st_size > 10_000
+    check_calibration(checkpoint, manifest, test_rows, capsys, tmp_path)
+
+
+def check_calibration(checkpoint: Path, manifest: Path, test_rows, capsys, tmp_path: Path) -> None:
+    """calibrate: a temperature on the sigmoid and per-class thresholds, then used by eval, predict,
+    --tta, viz reliability and an ONNX export."""
+    calibrated = tmp_path / "calibrated.safetensors"
+    record = json.loads(cli(["calibrate", str(checkpoint), "-o", str(calibrated), "--json"], capsys))
+    assert len(record["thresholds"]) == len(MOSAIC_CLASSES) and record["nll"] <= record["nll_uncalibrated"]
+    meta = read_meta(calibrated)
+    assert meta["thresholds"] == record["thresholds"] and meta["temperature"] == record["temperature"]
+    val = json.loads(cli(["eval", str(calibrated), "--json"], capsys))
+    assert val["nll"] == pytest.approx(record["nll"], abs=1e-6) and val["thresholds"] == record["thresholds"]
+    assert val["f1_micro"] == pytest.approx(record["f1_micro"], abs=1e-9)
+    assert val["f1_micro_uncalibrated"] == pytest.approx(record["f1_micro_uncalibrated"], abs=1e-9)
+
+    # predict: sigmoid(logits / T), computed here, and each label at or above its own threshold
+    images = [str(manifest.parent / r[0]) for r in test_rows[:6]]
+    results = predict(calibrated, images, top_k=len(MOSAIC_CLASSES))
+    model = load_model(str(checkpoint)).eval()
+    from finetune.evaluation import split_loader, recipe_for
+    from finetune import data as data_lib
+    from finetune.loading import data_config_of
+    config = data_config_of(model)
+    transform = data_lib.build_transforms(config, config["input_size"][-1], "none", train=False)
+    batch = torch.stack([transform(data_lib.load_image(path)) for path in images])
+    with torch.no_grad():
+        expected = (model(batch) / record["temperature"]).sigmoid()
+    cuts = dict(zip(MOSAIC_CLASSES, record["thresholds"]))
+    for item, row in zip(results, expected):
+        got = {p["class"]: p["probability"] for p in item["top"]}
+        assert [got[c] for c in MOSAIC_CLASSES] == pytest.approx(row.tolist(), abs=2e-6)
+        assert {p["class"] for p in item["labels"]} == {c for c in MOSAIC_CLASSES if got[c] >= cuts[c]}
+        assert item["thresholds"] == cuts
+
+    tta = json.loads(cli(["eval", str(calibrated), "--split", "test", "--tta", "flip", "--json"], capsys))
+    assert {"mAP_tta", "f1_micro_tta", "nll_tta", "ece_tta"} <= tta.keys() and tta["tta_passes"] == 2
+    flipped = calibration.predict(calibrated, images[:2], top_k=len(MOSAIC_CLASSES), tta="flip")
+    assert flipped[0]["tta"] == "flip" and "labels" in flipped[0]
+    picture = tmp_path / "reliability.png"
+    cli(["viz", "reliability", str(calibrated), "-o", str(picture)], capsys)
+    assert picture.stat().st_size > 10_000
+
+    pytest.importorskip("onnxruntime", reason="the onnx extra (finetune[onnx]) is not installed")
+    exported = tmp_path / "mosaics.onnx"
+    cli(["export", str(calibrated), str(exported), "--to", "onnx"], capsys)
+    onnx_report = json.loads(cli(["eval", str(exported), "--split", "test", "--json"], capsys))
+    plain_report = json.loads(cli(["eval", str(calibrated), "--split", "test", "--json"], capsys))
+    for key in ("mAP", "f1_micro", "f1_macro"):
+        assert onnx_report[key] == pytest.approx(plain_report[key], abs=1e-4), key
+    from finetune.export import predict_onnx
+    assert [{p["class"] for p in item["labels"]} for item in predict_onnx(exported, images)] == \
+        [{p["class"] for p in item["labels"]} for item in results]
+    card = (tmp_path / "mosaics.onnx.md").read_text()
+    assert "sigmoid" in card and "own threshold" in card and "mAP" in card
 
 
 def test_multilabel_runs_through_train_eval_predict_soup_compare_and_viz(mosaics, capsys, tmp_path):
