@@ -13,6 +13,7 @@ or EMA fine-tune is an ordinary checkpoint that loads, soups, exports and compar
 """
 from __future__ import annotations
 
+import sys
 from typing import Optional, Tuple
 
 import torch
@@ -103,6 +104,8 @@ def add_lora(model: VisionTransformer, recipe: Recipe) -> torch.nn.Module:
 
 def plain_state(module: torch.nn.Module) -> StateDict:
     """The weights of a plain timm ViT: LoRA deltas merged into their base weights."""
+    if "peft" not in sys.modules:  # no adapter can exist without peft loaded, and importing it costs ~3 s
+        return {key: value.detach().cpu() for key, value in module.state_dict().items()}
     from peft.tuners.lora import LoraLayer
     deltas = {name: m.get_delta_weight("default") for name, m in module.named_modules()
               if isinstance(m, LoraLayer) and "default" in m.lora_A}

@@ -11,6 +11,8 @@ import math
 import random
 import re
 import statistics
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -22,6 +24,8 @@ from timm.optim import create_optimizer_v2
 
 from finetune import FinetuneError, speed
 from finetune.loading import load_model
+
+from conftest import REPO
 
 TINY = "scratch:patch_size=8,embed_dim=32,depth=2,num_heads=2"
 CPU = torch.device("cpu")
@@ -279,6 +283,17 @@ def test_speed_sits_low_and_bench_never_imports_the_cli():
     graph = package_imports()
     assert graph["speed"] <= {"errors", "loading"}
     assert "cli" not in graph["bench"]
+
+
+def test_a_plain_fine_tune_never_imports_peft_or_transformers(tmp_path):
+    """Fixed costs (issue 14): peft pulls in transformers, ~3 s of a short run; only LoRA needs it."""
+    code = ("import sys; from finetune import engine; "
+            "engine.train_recipe('demo', ['epochs=1', 'schedule.warmup_epochs=0', 'max_steps_per_epoch=2', 'batch_size=16', 'precision=fp32', "
+            "'model=scratch:patch_size=4,embed_dim=32,depth=1,num_heads=2', 'attention=fused'], "
+            f"out_dir={str(tmp_path / 'run')!r}, progress=False); "
+            "loaded = [m for m in ('peft', 'transformers') if m in sys.modules]; "
+            "assert not loaded, f'a plain run imported {loaded}'")
+    subprocess.run([sys.executable, "-c", code], cwd=REPO, check=True)
 
 
 # ----------------------------------------------------------------------------------- bench
