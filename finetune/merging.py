@@ -224,12 +224,13 @@ class LearnedMixture:
         return {key: value.to(self.dtypes[key]).cpu() for key, value in self.parameters_of(weights).items()}
 
     def learn(self, model: torch.nn.Module, batches: Callable[[], Iterable], score: Callable[[StateDict], float],
-              start_score: float, epochs: int = 5, lr: float = 0.05, precision_context=None
-              ) -> Dict[str, Any]:
+              start_score: float, epochs: int = 5, lr: float = 0.05, precision_context=None,
+              loss_fn: Optional[Callable[[torch.Tensor, torch.Tensor], torch.Tensor]] = None) -> Dict[str, Any]:
         """AdamW on the selection split's batches, one pass an epoch; after each epoch the soup is
         scored by `score` and kept only if strictly better than the best so far, which starts at the
         uniform soup (`start_score`, epoch 0). Returns the record: the best epoch, its weights and
-        temperature, and each epoch's mean loss and score."""
+        temperature, and each epoch's mean loss and score. `loss_fn(logits, labels)`: the task's loss
+        (default: cross-entropy; a multi-label soup learns on binary cross-entropy)."""
         from torch.func import functional_call
         import contextlib
         model = model.eval()  # no dropout / drop-path: the mixing weights see the network as it will run
@@ -247,7 +248,7 @@ class LearnedMixture:
                 optimizer.zero_grad(set_to_none=True)
                 with precision_context() if precision_context else contextlib.nullcontext():
                     logits = functional_call(model, self.parameters_of(self.weights()), (images,))
-                loss = F.cross_entropy(logits.float() / self.log_temperature.exp(), labels)
+                loss = (loss_fn or F.cross_entropy)(logits.float() / self.log_temperature.exp(), labels)
                 loss.backward()
                 optimizer.step()
                 losses += float(loss.detach()) * labels.numel()

@@ -393,6 +393,10 @@ def _check_consistency(recipe: Recipe, ctx: _Context) -> None:
                                     f"({ROOT_REQUIRED[recipe.data.dataset]})")
     if not re.fullmatch(r"none|backbone|blocks:\d+", recipe.freeze):
         raise ctx.fail("freeze", f"{_show(recipe.freeze)} is not none, backbone or blocks:N (N an integer)")
+    if recipe.data.balanced and recipe.task == "multilabel":
+        raise ctx.fail("data.balanced", "class-balanced sampling draws 1/(size of its class) per image, which an "
+                                        "image of several classes does not have; set data.balanced: false for "
+                                        "task: multilabel")
     if recipe.freeze != "none" and recipe.lora.rank:
         raise ctx.fail("freeze", "and lora.rank > 0 both choose what trains; LoRA already freezes the backbone "
                        "but its adapters: set one of them")

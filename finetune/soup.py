@@ -552,7 +552,8 @@ def learned_soup(paths: Sequence[Path], model: torch.nn.Module, batches, score_f
     mixture = merging.LearnedMixture(keys, lambda key: _every_ingredients(paths, key), len(paths), target, by_layer)
     model = model.to(target)
     result = mixture.learn(model, batches if callable(batches) else (lambda: batches), score_fn, start,
-                           epochs=epochs, lr=lr, precision_context=precision_context)
+                           epochs=epochs, lr=lr, precision_context=precision_context,
+                           loss_fn=tasks.of_model(model).loss)
     weights = result["weights"]
     state = uniform if result["epoch"] == 0 else mixture.state(weights)
     del uniform

@@ -114,6 +114,14 @@ def test_a_classification_checkpoint_without_a_task_field_is_scored_as_before():
     assert {"top1", "top5", "confusion", "per_class"} <= report.keys() and "mAP" not in report
 
 
+def test_class_balanced_sampling_of_a_multilabel_recipe_is_refused_at_the_recipe():
+    from finetune.errors import FinetuneError
+    from finetune.recipes import load_recipe
+    with pytest.raises(FinetuneError, match=r"--set data.balanced=true: data.balanced: .*set data.balanced: false "
+                                            "for task: multilabel"):
+        load_recipe("demo", ["task=multilabel", "data.balanced=true"])
+
+
 # ----------------------------------------------------------------- calibration (unit, independent)
 def random_multilabel(seed: int, n: int = 400, classes: int = 4, scale: float = 3.0):
     """Logits that are informative but over-confident (scaled), and multi-hot truth drawn from them."""
@@ -311,6 +319,13 @@ def check_every_command(result, manifest: Path, capsys, tmp_path: Path, learned:
     cli(["soup", str(run), "--method", "greedy", "-o", str(soup)], capsys)
     soup_meta = read_meta(soup)
     assert soup_meta["task"] == "multilabel" and "val_mAP" in soup_meta["metrics"]
+    # the learned soup learns on the task's loss: at a vanishing lr its first pass is BCE of the uniform soup
+    from finetune.evaluation import evaluate_on_split
+    from finetune.soup import make_soup
+    uniform = make_soup([str(run)], out=tmp_path / "uniform.safetensors", method="uniform")
+    learned = make_soup([str(run)], out=tmp_path / "learned.safetensors", method="learned", epochs=1, lr=1e-12)
+    first_pass = read_meta(learned)["soup"]["history"][1]["loss"]
+    assert first_pass == pytest.approx(evaluate_on_split(uniform, split="val", store=False)["loss"], rel=1e-4)
     table = cli(["compare", str(run), str(soup), "--eval"], capsys)
     assert "mAP" in table and "F1" in table and "top-1" not in table
     picture = tmp_path / "confusion.png"
