@@ -352,7 +352,7 @@ def _parse_weights(text: Optional[str]):
 @click.option("--split", type=click.Choice(SPLITS), default="test", show_default=True)
 @click.option("--tta", type=click.Choice(TTA_CHOICES), default=None,
               help="With --eval: also score each checkpoint with this test-time augmentation (a 'TTA top-1' "
-                   "column). " + TTA_HELP)
+                   "column; 'TTA mAP' for multi-label rows). " + TTA_HELP)
 @click.option("--ensemble", is_flag=True, help="Add a row for the logit ensemble of the checkpoints given (runs' "
               "best checkpoints and checkpoint files; soups always bring the ensemble of their ingredients).")
 @device_option
@@ -371,8 +371,9 @@ def compare_cmd(inputs, runs_dir, fmt, sort, do_eval, split, tta, ensemble, devi
     if do_eval:
         for done in evaluate_missing(rows, split, device=device, tta=tta):
             score = f"top-1 {fraction(done['top1'])}" if "top1" in done else f"mAP {fraction(done.get('mAP'))}"
-            message = done.get("skipped") or f"{done['split']} {score}" + (
-                f", {tta} TTA top-1 {fraction(done.get('top1_tta'))}" if tta else "")
+            tta_score = (f"TTA top-1 {fraction(done.get('top1_tta'))}" if "top1" in done
+                         else f"TTA mAP {fraction(done.get('mAP_tta'))}")
+            message = done.get("skipped") or f"{done['split']} {score}" + (f", {tta} {tta_score}" if tta else "")
             click.echo(f"{done['name']}: {message}", err=True)  # stdout stays a clean table/CSV/JSON
         rows = collect_rows(inputs, runs_dir, ensemble=ensemble)
     click.echo(format_table(rows, fmt, sort))

@@ -59,7 +59,7 @@ SORT_ALIASES = {"run": "name", "img": "img_size", "val": "best_val_top1", "val_t
 DESCENDING = {"best_val_top1", "test_top1", "best_val_mAP", "test_mAP", "test_f1_micro", "test_f1_macro",
               "images_per_s"}  # bigger is better: best first
 TTA_KEYS = ("tta", "tta_split", "tta_top1")  # in rows scored with --eval --tta only; then a column too
-TTA_COLUMN = ("TTA top-1", "tta_top1")
+TTA_COLUMNS = (("TTA top-1", "tta_top1"), ("TTA mAP", "tta_mAP"))  # the second for multi-label rows
 Evaluator = Callable[[Path, str], Dict[str, Any]]
 EnsembleEvaluator = Callable[[Sequence[Path], str], Dict[str, Any]]
 
@@ -309,11 +309,13 @@ def _run_result(result: Any) -> Dict[str, Any]:
 
 
 def _tta_fields(results: Dict[str, Any]) -> Dict[str, Any]:
-    """tta, tta_split and tta_top1 of the test (else val) score stored with TTA; {} when none was."""
+    """tta, tta_split and tta_top1 (multi-label: tta_mAP) of the test (else val) score stored with
+    TTA; {} when none was."""
     for split in ("test", "val"):
-        entry = results.get(split)
-        if _run_result(entry).get("top1") is not None and isinstance(entry.get("top1_tta"), (int, float)):
-            return {"tta": entry.get("tta"), "tta_split": split, "tta_top1": entry["top1_tta"]}
+        entry = _run_result(results.get(split))
+        for metric in ("top1", "mAP"):
+            if entry.get(metric) is not None and isinstance(entry.get(f"{metric}_tta"), (int, float)):
+                return {"tta": entry.get("tta"), "tta_split": split, f"tta_{metric}": entry[f"{metric}_tta"]}
     return {}
 
 
@@ -382,7 +384,7 @@ def evaluate_missing(rows: Sequence[Dict[str, Any]], split: str = "test",
         rundir.store_result(checkpoint, split, result, as_run=row["kind"] == "run")
         done.append({"name": row["name"], "checkpoint": str(checkpoint), "split": split,
                      **{k: result[k] for k in ("top1", "mAP") if k in result},
-                     **({"top1_tta": result.get("top1_tta")} if tta else {})})
+                     **({k: result.get(k) for k in ("top1_tta", "mAP_tta") if k in result} if tta else {})})
     return done
 
 
@@ -440,13 +442,17 @@ def format_table(rows: Sequence[Dict[str, Any]], fmt: str = "markdown", sort: Op
 
 
 def _markdown(rows: Sequence[Dict[str, Any]]) -> str:
-    columns = table_columns(rows) + ([TTA_COLUMN] if any("tta_top1" in row for row in rows) else [])
+    columns = table_columns(rows) + tta_columns(rows)
     lines = ["| " + " | ".join(header for header, _ in columns) + " |",
              "|" + "|".join("---" for _ in columns) + "|"]
     for row in rows:
         cells = [_cell(row, key).replace("|", "\\|") for _, key in columns]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
+
+
+def tta_columns(rows: Sequence[Dict[str, Any]]) -> List[Tuple[str, str]]:
+    return [(header, key) for header, key in TTA_COLUMNS if any(key in row for row in rows)]
 
 
 def table_columns(rows: Sequence[Dict[str, Any]]) -> List[Tuple[str, str]]:
@@ -469,7 +475,7 @@ def _cell(row: Dict[str, Any], key: str) -> str:
         return "-"
     if key in ("test_top1", "test_mAP"):
         return fraction(value)
-    if key == "tta_top1":
+    if key in ("tta_top1", "tta_mAP"):
         return f"{fraction(value)} ({row.get('tta')}, {row.get('tta_split')})"
     if key == "params":
         return f"{value / 1e6:.2f}"
@@ -480,7 +486,8 @@ def _cell(row: Dict[str, Any], key: str) -> str:
 
 def _csv(rows: Sequence[Dict[str, Any]]) -> str:
     buffer = io.StringIO()
-    fields = ROW_KEYS + (TTA_KEYS if any("tta_top1" in row for row in rows) else ())
+    extra = tuple(key for _, key in tta_columns(rows))
+    fields = ROW_KEYS + (TTA_KEYS[:2] + extra if extra else ())
     writer = csv.DictWriter(buffer, fieldnames=fields, lineterminator="\n")
     writer.writeheader()
     for row in rows:

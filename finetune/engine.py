@@ -201,6 +201,23 @@ def _train(recipe: Recipe, run_dir: Path, resuming: bool, progress: bool, rank: 
         log.close()
 
     best = state.best[0] if state.best else None
+    try:
+        test = _test_and_calibrate(run_dir, state, splits, recipe, device, multi, rank, say)
+    except BaseException as crash:  # the epochs are committed: a --resume redoes only this part
+        reason = str(crash) if isinstance(crash, FinetuneError) else f"{type(crash).__name__}: {crash}"
+        log.status("failed", epoch=state.epoch, reason=reason, resume=f"finetune train --resume {run_dir}")
+        raise
+    best_score = rundir.entry_score(best) if best else float("nan")
+    log.status(status, epoch=state.epoch, best_epoch=best and best["epoch"],
+               **{f"best_val_{task.metric}": best_score if best else None})
+    return RunResult(run_dir, best_score, best["epoch"] if best else 0,
+                     run_dir / best["path"] if best else None, status, test, best_val, task.metric)
+
+
+def _test_and_calibrate(run_dir: Path, state: Progress, splits, recipe: Recipe, device: torch.device, multi: bool,
+                        rank: int, say) -> Optional[Dict[str, Any]]:
+    """After the last epoch: the best checkpoint scored on test, and `calibrate: true`."""
+    best = state.best[0] if state.best else None
     test = None
     if best is not None and splits.test is not None:
         distributed.barrier()  # rank 0 has written the best checkpoint
@@ -210,11 +227,7 @@ def _train(recipe: Recipe, run_dir: Path, resuming: bool, progress: bool, rank: 
     if recipe.calibrate and state.best:  # each kept checkpoint replaced atomically; --resume redoes it
         for line in calibration.calibrate_run(run_dir, state.best, splits.val, recipe, device, rank):
             say(line)
-    best_score = rundir.entry_score(best) if best else float("nan")
-    log.status(status, epoch=state.epoch, best_epoch=best and best["epoch"],
-               **{f"best_val_{task.metric}": best_score if best else None})
-    return RunResult(run_dir, best_score, best["epoch"] if best else 0,
-                     run_dir / best["path"] if best else None, status, test, best_val, task.metric)
+    return test
 
 
 def resolve_auto_settings(recipe: Recipe, model, device: torch.device, earlier: Optional[Dict[str, str]] = None):

@@ -212,7 +212,7 @@ def store_result(checkpoint: Path, split: str, result: Dict[str, Any], as_run: b
     entry = {k: result.get(k) for k in kept}
     if "n" in result:
         entry["n"] = result["n"]
-    entry.update({k: result[k] for k in ("tta", "top1_tta") if result.get(k) is not None})  # eval --tta
+    entry.update({k: result[k] for k in ("tta", "top1_tta", "mAP_tta") if result.get(k) is not None})  # eval --tta
     if as_run:
         results[split] = {**entry, "checkpoint": Path(checkpoint).name}
     else:

@@ -366,6 +366,8 @@ def test_calibrate_true_calibrates_the_kept_checkpoints_and_a_crash_mid_write_lo
     kept = [run / b["path"] for b in json.loads((run / "best.json").read_text())["checkpoints"]]
     assert len(kept) == 2 and all("temperature" not in read_meta(p) for p in kept)  # whole, uncalibrated
     assert not [p for p in os.listdir(run) if p.endswith(".tmp")]
+    status = json.loads((run / "status.json").read_text())
+    assert status["state"] == "failed" and "killed while writing" in status["reason"] and "--resume" in status["resume"]
     monkeypatch.undo()
     result = engine.resume_run(str(run), progress=False)  # every epoch done: calibrate again
     assert result.status == "finished"

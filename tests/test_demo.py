@@ -14,6 +14,8 @@ from finetune.demo import export_digits
 from finetune.errors import FinetuneError
 
 
+# The whole `finetune demo` (pretrain, fine-tune, from scratch, soups): ~3.5 min of 2 cores, so `make test-slow`.
+@pytest.mark.slow
 def test_demo_finetunes_pretrained_weights_and_beats_the_same_recipe_from_scratch(tmp_path, capsys):
     out = tmp_path / "demo"
     try:

@@ -366,6 +366,8 @@ def check_calibration(checkpoint: Path, manifest: Path, test_rows, capsys, tmp_p
         assert {p["class"] for p in item["labels"]} == {c for c in MOSAIC_CLASSES if got[c] >= cuts[c]}
         assert item["thresholds"] == cuts
 
+    table = cli(["compare", str(calibrated), "--eval", "--tta", "flip"], capsys)
+    assert "| TTA mAP |" in table and "(flip, test)" in table
     tta = json.loads(cli(["eval", str(calibrated), "--split", "test", "--tta", "flip", "--json"], capsys))
     assert {"mAP_tta", "f1_micro_tta", "nll_tta", "ece_tta"} <= tta.keys() and tta["tta_passes"] == 2
     flipped = calibration.predict(calibrated, images[:2], top_k=len(MOSAIC_CLASSES), tta="flip")

@@ -269,6 +269,9 @@ print("SKIPPED", " ".join(result.skipped))
 """
 
 
+# Three real DeiT-Tiny trials, one killed and resumed: ~4 min of 2 cores, so `make test-slow` (the tiny-model
+# sweep tests above keep the kill/resume/skip wiring in the default suite).
+@pytest.mark.slow
 def test_a_real_sweep_survives_a_kill_and_its_greedy_soup_beats_its_best_trial(tmp_path):
     require_shared(DEIT_WEIGHTS, HYMENOPTERA)
     out = tmp_path / "sweep"
