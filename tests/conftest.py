@@ -124,3 +124,12 @@ def run_entry(entry, args, capsys):
         raise SystemExit(0)
     captured = capsys.readouterr()
     return exit_info.value.code, captured.out, captured.err
+
+
+def finetune_out(args, capsys) -> str:
+    """`finetune ARGS` in-process, which must exit 0; its stdout (stdout/stderr read before it are dropped)."""
+    from finetune.cli import main
+    capsys.readouterr()
+    code, out, err = run_entry(main, args, capsys)
+    assert code == 0, err
+    return out

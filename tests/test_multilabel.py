@@ -13,11 +13,10 @@ from torch.utils.data import DataLoader, Dataset
 
 from finetune import calibration, engine, tasks
 from finetune.checkpoints import read_meta
-from finetune.cli import main
 from finetune.evaluation import evaluate, predict
 from finetune.loading import load_model
 
-from conftest import DEIT_WEIGHTS, FLOWERS5, require_shared
+from conftest import finetune_out as cli, DEIT_WEIGHTS, FLOWERS5, require_shared
 
 
 class MultiHot(Dataset):
@@ -268,14 +267,6 @@ def train_on(mosaics: Path, overrides, out: Path):
                                progress=False)
 
 
-def cli(args, capsys):
-    capsys.readouterr()
-    with pytest.raises(SystemExit) as exit_info:
-        main(args)
-        raise SystemExit(0)
-    captured = capsys.readouterr()
-    assert exit_info.value.code == 0, captured.err
-    return captured.out
 
 
 def constant_predictor_map(truth: np.ndarray) -> float:
@@ -351,7 +342,6 @@ def check_calibration(checkpoint: Path, manifest: Path, test_rows, capsys, tmp_p
     images = [str(manifest.parent / r[0]) for r in test_rows[:6]]
     results = predict(calibrated, images, top_k=len(MOSAIC_CLASSES))
     model = load_model(str(checkpoint)).eval()
-    from finetune.evaluation import split_loader, recipe_for
     from finetune import data as data_lib
     from finetune.loading import data_config_of
     config = data_config_of(model)

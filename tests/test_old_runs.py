@@ -19,8 +19,9 @@ import pytest
 
 from finetune import engine
 from finetune.checkpoints import read_checkpoint
-from finetune.cli import main
 from finetune.evaluation import evaluate_on_split
+
+from conftest import finetune_out as cli
 
 OLD_RUN = Path(__file__).parent / "fixtures" / "run-0.1-demo"
 
@@ -32,13 +33,6 @@ def old_run(tmp_path) -> Path:
     return run
 
 
-def cli(args, capsys) -> str:
-    with pytest.raises(SystemExit) as exit_info:
-        main(args)
-        raise SystemExit(0)
-    captured = capsys.readouterr()
-    assert exit_info.value.code == 0, captured.err
-    return captured.out
 
 
 def test_an_old_checkpoint_scores_as_the_old_code_scored_it(old_run):
