@@ -19,6 +19,7 @@ Files from elsewhere (`.pth`, `.bin`) are read as data only, with `torch.load(we
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import math
 import os
@@ -236,6 +237,15 @@ def _check_model_fields(path, meta: Dict[str, Any]) -> None:
     if names is not None and len(names) != meta["num_classes"]:
         raise FinetuneError(f"{path}: checkpoint metadata lists {len(names)} class_names for num_classes "
                             f"{meta['num_classes']}")
+
+
+def file_sha256(path: str | os.PathLike) -> str:
+    """The sha256 of a file's bytes, read 1 MiB at a time (soups record their ingredients' by it)."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
 
 
 def load_torch_file(path: str | os.PathLike) -> StateDict:

@@ -19,7 +19,6 @@ and the recipe, so it needs neither the checkpoint nor --recipe.
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import json
 import math
 import os
@@ -33,7 +32,7 @@ from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple, Union
 import torch
 
 from . import convert, hubs, rundir, tasks
-from .checkpoints import read_meta, refuse_to_overwrite
+from .checkpoints import file_sha256, read_meta, refuse_to_overwrite
 from .errors import FinetuneError
 from .loading import ZOO, data_config_of, load_model
 
@@ -316,14 +315,6 @@ def data_config_record(model: torch.nn.Module) -> Dict[str, Any]:
     return {"input_size": list(config["input_size"]), "mean": list(config["mean"]), "std": list(config["std"]),
             "interpolation": config.get("interpolation", "bicubic"), "crop_pct": float(config.get("crop_pct", 1.0)),
             "crop_mode": "squash" if float(config.get("crop_pct", 1.0)) == 1.0 else "center"}
-
-
-def file_sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 # ------------------------------------------------------------------------------------------ ppv

@@ -62,7 +62,6 @@ first ingredient's plus `source: "soup"` and a `soup` record of the method and i
 """
 from __future__ import annotations
 
-import hashlib
 import math
 import os
 from pathlib import Path
@@ -73,7 +72,7 @@ from safetensors import SafetensorError, safe_open
 
 from . import merging, rundir, tasks
 from .calibration import calibrate_soup
-from .checkpoints import StateDict, read_checkpoint, read_meta, refuse_to_overwrite, tensor_shapes, write_checkpoint
+from .checkpoints import StateDict, file_sha256, read_checkpoint, read_meta, refuse_to_overwrite, tensor_shapes, write_checkpoint
 from .errors import FinetuneError
 from .ensemble import ensemble_on_split
 from .evaluation import (ScoreFn, autocast, build_splits, choose_device, fraction, load_for_scoring, recipe_for,
@@ -518,7 +517,7 @@ def _make_stock(inputs: List, out, recipe: Any, split: str, score_fn: Optional[S
     meta["soup"].update(pretrained=pretrained_name, **{k: info[k] for k in (
         "pretrained_weight", "t_mean", "t_by_block", "t", "cos", "mean_of_finetunes")})
     if Path(pretrained).is_file():
-        meta["soup"]["pretrained_sha256"] = sha256_of(Path(pretrained))
+        meta["soup"]["pretrained_sha256"] = file_sha256(Path(pretrained))
     _attach_ensemble(meta, paths, out, ensemble, own_scorer and score is not None, recipe, metas[0], reported, device)
     return write_checkpoint(out, tensors, meta)
 
@@ -783,8 +782,8 @@ def _make_wise(inputs: List, out, recipe: Any, split: str, score_fn: Optional[Sc
     reported = _report(tensors, split, info["score"] is not None, own_scorer, report_fn, finetuned, recipe, device)
     pretrained_name = (_relative_to(Path(pretrained), target.parent) if Path(pretrained).is_file() else pretrained)
     ingredients = [{"path": pretrained_name, "role": "pretrained",
-                    **({"sha256": sha256_of(Path(pretrained))} if Path(pretrained).is_file() else {})},
-                   {"path": _relative_to(finetuned, target.parent), "role": "finetuned", "sha256": sha256_of(finetuned),
+                    **({"sha256": file_sha256(Path(pretrained))} if Path(pretrained).is_file() else {})},
+                   {"path": _relative_to(finetuned, target.parent), "role": "finetuned", "sha256": file_sha256(finetuned),
                     "val_top1": (meta.get("metrics") or {}).get("val_top1")}]
     record = {"method": "wise", "weights": info["weights"], "split": split, "ingredients": ingredients,
               "pretrained": pretrained_name, "alpha": info["alpha"], "alphas": info["alphas"], "scores": info["scores"]}
@@ -872,7 +871,7 @@ def _soup_meta(metas: List[Dict[str, Any]], paths: List[Path], out: Path, info: 
                skipped: Sequence[Dict[str, str]] = ()) -> Dict[str, Any]:
     meta = {k: metas[0].get(k) for k in CARRIED_FIELDS if k in metas[0]}
     scores = info.get("scores") or [None] * len(paths)
-    ingredients = [{"path": _relative_to(p, out.parent), "sha256": sha256_of(p),
+    ingredients = [{"path": _relative_to(p, out.parent), "sha256": file_sha256(p),
                     "val_top1": (m.get("metrics") or {}).get("val_top1"),
                     **({"score": s} if s is not None else {})} for p, m, s in zip(paths, metas, scores)]
     soup = {"method": info["method"], "weights": info["weights"], "split": split, "ingredients": ingredients}
@@ -890,14 +889,6 @@ def _soup_meta(metas: List[Dict[str, Any]], paths: List[Path], out: Path, info: 
 def _relative_to(path: Path, folder: Path) -> str:
     # Relative to the soup's folder, so a run directory can be moved with its soups intact.
     return os.path.relpath(path.resolve(), folder.resolve())
-
-
-def sha256_of(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 # ------------------------------------------------------------------------------------------ report
