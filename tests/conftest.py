@@ -81,10 +81,7 @@ def measurement_cache(tmp_path_factory):
     return tmp_path_factory.mktemp("measurements")
 
 
-@pytest.fixture(autouse=True)
-def offline_caches(tmp_path_factory, monkeypatch, measurement_cache):
-    """Every test runs offline against empty, private torch-hub and Hugging Face caches."""
-    root = tmp_path_factory.mktemp("caches")
+def _go_private(monkeypatch, root: Path, measurement_cache: Path) -> Path:
     monkeypatch.setenv("FINETUNE_CACHE_DIR", str(measurement_cache))
     monkeypatch.setenv("TORCH_HOME", str(root / "torch"))
     monkeypatch.setenv("HF_HOME", str(root / "hf"))
@@ -93,6 +90,20 @@ def offline_caches(tmp_path_factory, monkeypatch, measurement_cache):
     monkeypatch.setenv("FINETUNE_OFFLINE", "1")
     monkeypatch.setenv("TQDM_DISABLE", "1")
     return root
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _offline_session(tmp_path_factory, measurement_cache):
+    """offline_caches for the module- and session-scoped fixtures too: pytest sets those up before any
+    function-scoped fixture, so without this they trained with the user's caches and hubs online."""
+    with pytest.MonkeyPatch.context() as monkeypatch:
+        yield _go_private(monkeypatch, tmp_path_factory.mktemp("session-caches"), measurement_cache)
+
+
+@pytest.fixture(autouse=True)
+def offline_caches(tmp_path_factory, monkeypatch, measurement_cache):
+    """Every test runs offline against empty, private torch-hub and Hugging Face caches."""
+    return _go_private(monkeypatch, tmp_path_factory.mktemp("caches"), measurement_cache)
 
 
 @pytest.fixture(autouse=True)

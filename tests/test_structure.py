@@ -150,3 +150,22 @@ def test_the_suite_refuses_every_connection_but_loopback():
     server.listen(1)
     socket.create_connection(server.getsockname(), timeout=1).close()  # loopback stays open
     server.close()
+
+
+PRIVATE_ENVIRONMENT = ("FINETUNE_CACHE_DIR", "TORCH_HOME", "HF_HOME")
+
+
+@pytest.fixture(scope="module")
+def environment_of_a_module_fixture():
+    """What a module-scoped fixture (the tiny runs several test files share) sees: pytest sets these
+    up before any function-scoped fixture, conftest's offline_caches included."""
+    import os
+    return {key: os.environ.get(key) for key in (*PRIVATE_ENVIRONMENT, "HF_HUB_OFFLINE", "FINETUNE_OFFLINE")}
+
+
+def test_module_fixtures_run_offline_with_private_caches(environment_of_a_module_fixture, tmp_path_factory):
+    seen = environment_of_a_module_fixture
+    assert seen["HF_HUB_OFFLINE"] == "1" and seen["FINETUNE_OFFLINE"] == "1", seen
+    base = tmp_path_factory.getbasetemp().resolve()
+    for key in PRIVATE_ENVIRONMENT:  # never the user's ~/.cache, where the suite once wrote verdicts
+        assert seen[key] and Path(seen[key]).resolve().is_relative_to(base), (key, seen[key])
