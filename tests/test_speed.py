@@ -58,6 +58,19 @@ def test_auto_precision_on_a_cpu_takes_bf16_only_when_it_measures_faster_by_the_
     assert f"bf16 {fp32_s / bf16_s:.2f}x fp32" in reason and "ms" in reason  # the log says what was measured
 
 
+def test_auto_precision_goes_by_the_fastest_round_not_by_bursts_of_interference():
+    # The timings (ms) one `finetune train hymenoptera-deit-tiny` measured on a Xeon with AVX-512 BF16
+    # and no AMX while bursts hit alternate rounds: by the median bf16 looked 1.06x faster and was
+    # taken; that run trained 1.4x slower than in fp32.
+    fp32 = [43.0, 29.1, 18.4, 34.8, 17.1, 30.1, 19.1, 39.6, 17.6]
+    bf16 = [23.9, 38.0, 27.4, 33.1, 25.3, 37.4, 25.4, 35.8, 24.8]
+    timer = lambda block, shape, device, train=True, budget_s=1.0: {"fp32": [t / 1e3 for t in fp32],
+                                                                     "bf16": [t / 1e3 for t in bf16]}
+    choice, reason = speed.choose_precision("auto", CPU, tiny_model(), 4, timer=timer)
+    assert statistics.median(fp32) > statistics.median(bf16) * speed.PRECISION_MARGIN  # the trap
+    assert choice == "fp32" and "fp32 17.1 ms, bf16 23.9 ms" in reason, reason
+
+
 def test_the_real_measurement_leaves_model_and_randomness_alone_and_is_cached(monkeypatch, tmp_path):
     monkeypatch.setenv("FINETUNE_CACHE_DIR", str(tmp_path))
     model = tiny_model().train()
@@ -66,7 +79,7 @@ def test_the_real_measurement_leaves_model_and_randomness_alone_and_is_cached(mo
     for train in (True, False):
         choice, reason = speed.choose_precision("auto", CPU, model, 4, train=train, budget_s=0.0)
         assert choice in ("fp32", "bf16") and reason.startswith(f"auto: {choice}")
-        assert re.search(r"median of [1-3]:", reason) and ("forward+backward" if train else "forward,") in reason
+        assert re.search(r"best of [1-3]:", reason) and ("forward+backward" if train else "forward,") in reason
     after_weights, after_modes, after_rng, after_py, after_np = _snapshot(model)
     assert after_modes == modes and all(torch.equal(weights[k], after_weights[k]) for k in weights)
     assert torch.equal(rng, after_rng) and py_rng == after_py and np.array_equal(np_rng, after_np)
@@ -162,7 +175,7 @@ def test_auto_attention_is_a_valid_choice_and_changes_no_weight_mode_or_randomne
     chosen, detail = speed.choose_attention(model, CPU, "fp32", batch_size=4)
     assert chosen in ("fused", "explicit")
     assert speed.current_attention(model) == chosen
-    assert detail.startswith(f"auto: {chosen}") and "median of" in detail
+    assert detail.startswith(f"auto: {chosen}") and "best of" in detail
     after_weights, after_modes, after_rng, after_py, after_np = _snapshot(model)
     assert after_modes == modes
     assert all(torch.equal(weights[k], after_weights[k]) for k in weights)
